@@ -1,0 +1,129 @@
+"""The `tuner` command: a thin layer that parses, builds the config and calls library functions.
+
+User errors (TunerError, bad flags) are printed as `error: ...` / `hint: ...` and exit 2; `--verbose`
+keeps the traceback. Heavy libraries are imported inside commands so `tuner --help` stays fast and
+hub settings (HF_ENDPOINT is read at import time) are applied before huggingface_hub is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+
+try:  # typer >= 0.29 vendors click; earlier releases use the click package.
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_exceptions
+
+from tuner import __version__
+from tuner.cli import options
+from tuner.cli.train import train_app
+from tuner.errors import TunerError
+
+app = typer.Typer(
+    name="tuner",
+    help="Fine-tune LoRA adapters for SDXL and the Qwen-VL family on Ascend NPUs, CUDA and CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+presets_app = typer.Typer(help="List and show the built-in presets.", no_args_is_help=True)
+app.add_typer(presets_app, name="presets")
+app.add_typer(train_app, name="train")
+
+_verbose = False
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"tuner {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    global _verbose
+    _verbose = verbose
+
+
+@app.command("env")
+def env_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    device: options.Device = None,
+    mixed_precision: options.MixedPrecision = None,
+    ca_bundle: options.CaBundle = None,
+    hf_endpoint: options.HfEndpoint = None,
+    offline: options.Offline = None,
+    insecure_skip_tls_verify: options.InsecureSkipTlsVerify = None,
+) -> None:
+    """Show the device, versions, precision and hub settings a run would use (and NPU pre-flight checks)."""
+    from tuner.runtime import apply_hub_settings, environment_report, format_environment_report
+
+    for warning in apply_hub_settings(
+        endpoint=hf_endpoint,
+        ca_bundle=ca_bundle,
+        offline=bool(offline),
+        insecure_skip_tls_verify=bool(insecure_skip_tls_verify),
+    ):
+        print(f"warning: {warning}", file=sys.stderr)
+    report = environment_report(device or "auto", mixed_precision or "auto")
+    print(json.dumps(report, indent=2, default=str) if as_json else format_environment_report(report))
+
+
+@presets_app.command("list")
+def presets_list() -> None:
+    """List the presets with their one-line description."""
+    from tuner.config.presets import preset_description, preset_names
+
+    names = preset_names()
+    width = max(len(name) for name in names)
+    for name in names:
+        summary = preset_description(name).split(". ")[0].rstrip(".")
+        print(f"{name:<{width}}  {summary}")
+
+
+@presets_app.command("show")
+def presets_show(name: Annotated[str, typer.Argument(help="Preset name, see `tuner presets list`.")]) -> None:
+    """Print a preset resolved over the built-in defaults (the config a run with it starts from)."""
+    from tuner.config.load import build_config, config_as_yaml
+    from tuner.config.presets import preset_description
+
+    config = build_config(preset=name)
+    print(f"# {name}: {' '.join(preset_description(name).split())}")
+    print(config_as_yaml(config), end="")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: runs the app and renders user errors as one or two lines."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except TunerError as error:
+        _fail(error.message, error.hint, error.exit_code)
+    except click_exceptions.NoArgsIsHelpError as error:
+        print(error.ctx.get_help() if error.ctx else error.format_message())
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.Abort:
+        _fail("aborted", None, 130)
+    except click_exceptions.UsageError as error:
+        command = error.ctx.command_path if error.ctx else "tuner"
+        _fail(error.format_message(), f"see `{command} --help`", 2)
+
+
+def _fail(message: str, hint: str | None, code: int) -> None:
+    if _verbose:
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,214 @@
+"""`tuner train sdxl-lora` and `tuner train qwenvl-lora`: flags -> config -> recipe."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tuner.cli import options
+from tuner.config.schema import RunConfig
+
+train_app = typer.Typer(help="Train a LoRA adapter.", no_args_is_help=True)
+
+Resolution = Annotated[
+    int | None, typer.Option("--resolution", help="Training side length in px (sets buckets).")
+]
+Vae = Annotated[str | None, typer.Option("--vae", help="A separate VAE, e.g. an fp16-safe one.")]
+SampleEvery = Annotated[
+    int | None, typer.Option("--sample-every", help="Sample grid every N steps (0: at the end).")
+]
+SamplePrompt = Annotated[
+    list[str] | None, typer.Option("--sample-prompt", help="Prompt for samples (repeatable).")
+]
+ImageColumn = Annotated[
+    str | None, typer.Option("--image-column", help="Image column of a HF/metadata dataset.")
+]
+CaptionColumn = Annotated[
+    str | None, typer.Option("--caption-column", help="Caption column of a HF/metadata dataset.")
+]
+CaptionPrefix = Annotated[
+    str | None, typer.Option("--caption-prefix", help="Trigger word(s) put before every caption.")
+]
+CacheDir = Annotated[str | None, typer.Option("--cache-dir", help="Where latents/embeddings are cached.")]
+ImageRoot = Annotated[str | None, typer.Option("--image-root", help="Folder image paths are relative to.")]
+MaxPixels = Annotated[int | None, typer.Option("--max-pixels", help="Upper bound of pixels per image.")]
+MinPixels = Annotated[int | None, typer.Option("--min-pixels", help="Lower bound of pixels per image.")]
+MaxLength = Annotated[int | None, typer.Option("--max-length", help="Longest sample in tokens.")]
+Targets = Annotated[
+    str | None, typer.Option("--targets", help="LoRA targets: llm, vision, merger (comma-separated).")
+]
+
+
+@train_app.command("sdxl-lora")
+def sdxl_lora(
+    model: options.Model = None,
+    data: options.Data = None,
+    output: options.Output = None,
+    preset: options.Preset = None,
+    config: options.ConfigFile = None,
+    set_: options.Set = None,
+    resolution: Resolution = None,
+    vae: Vae = None,
+    batch_size: options.BatchSize = None,
+    grad_accum: options.GradAccum = None,
+    max_steps: options.MaxSteps = None,
+    epochs: options.Epochs = None,
+    lr: options.Lr = None,
+    rank: options.Rank = None,
+    alpha: options.Alpha = None,
+    seed: options.Seed = None,
+    mixed_precision: options.MixedPrecision = None,
+    device: options.Device = None,
+    devices: options.Devices = None,
+    checkpoint_every: options.CheckpointEvery = None,
+    keep_checkpoints: options.KeepCheckpoints = None,
+    resume: options.Resume = None,
+    sample_every: SampleEvery = None,
+    sample_prompt: SamplePrompt = None,
+    image_column: ImageColumn = None,
+    caption_column: CaptionColumn = None,
+    caption_prefix: CaptionPrefix = None,
+    cache_dir: CacheDir = None,
+    overwrite: options.Overwrite = None,
+    allow_pickle: options.AllowPickle = None,
+    ca_bundle: options.CaBundle = None,
+    hf_endpoint: options.HfEndpoint = None,
+    offline: options.Offline = None,
+    hub: options.Hub = None,
+    insecure_skip_tls_verify: options.InsecureSkipTlsVerify = None,
+) -> None:
+    """Train an SDXL LoRA on image-caption pairs (kohya folders, metadata.jsonl/csv, HF datasets)."""
+    flags = _common_flags(locals()) | {
+        "data.resolution": resolution,
+        "model.vae": vae,
+        "output.sample_every": sample_every,
+        "output.sample_prompts": sample_prompt or None,
+        "data.image_column": image_column,
+        "data.caption_column": caption_column,
+        "data.caption_prefix": caption_prefix,
+        "train.cache_dir": cache_dir,
+    }
+    config_obj = _build(task="sdxl-lora", preset=preset, config_file=config, flags=flags, overrides=set_)
+
+    from tuner.recipes.sdxl import train_sdxl_lora
+
+    _report_done(train_sdxl_lora(config_obj, resume=resume))
+
+
+@train_app.command("qwenvl-lora")
+def qwenvl_lora(
+    model: options.Model = None,
+    data: options.Data = None,
+    output: options.Output = None,
+    preset: options.Preset = None,
+    config: options.ConfigFile = None,
+    set_: options.Set = None,
+    image_root: ImageRoot = None,
+    max_pixels: MaxPixels = None,
+    min_pixels: MinPixels = None,
+    max_length: MaxLength = None,
+    targets: Targets = None,
+    batch_size: options.BatchSize = None,
+    grad_accum: options.GradAccum = None,
+    max_steps: options.MaxSteps = None,
+    epochs: options.Epochs = None,
+    lr: options.Lr = None,
+    rank: options.Rank = None,
+    alpha: options.Alpha = None,
+    seed: options.Seed = None,
+    mixed_precision: options.MixedPrecision = None,
+    device: options.Device = None,
+    devices: options.Devices = None,
+    checkpoint_every: options.CheckpointEvery = None,
+    keep_checkpoints: options.KeepCheckpoints = None,
+    resume: options.Resume = None,
+    overwrite: options.Overwrite = None,
+    allow_pickle: options.AllowPickle = None,
+    trust_remote_code: options.TrustRemoteCode = None,
+    ca_bundle: options.CaBundle = None,
+    hf_endpoint: options.HfEndpoint = None,
+    offline: options.Offline = None,
+    hub: options.Hub = None,
+    insecure_skip_tls_verify: options.InsecureSkipTlsVerify = None,
+) -> None:
+    """Train a Qwen2-VL / Qwen2.5-VL / Qwen3-VL LoRA on image question-answer conversations."""
+    flags = _common_flags(locals()) | {
+        "data.image_root": image_root,
+        "data.max_pixels": max_pixels,
+        "data.min_pixels": min_pixels,
+        "data.max_length": max_length,
+        "model.trust_remote_code": trust_remote_code,
+        "lora.targets": [t.strip() for t in targets.split(",") if t.strip()] if targets else None,
+    }
+    config_obj = _build(task="qwenvl-lora", preset=preset, config_file=config, flags=flags, overrides=set_)
+
+    from tuner.recipes.qwenvl import train_qwenvl_lora
+
+    _report_done(train_qwenvl_lora(config_obj, resume=resume))
+
+
+# Flag name -> dotted config key, for the flags both training commands share.
+_COMMON_FLAG_KEYS = {
+    "model": "model.name_or_path",
+    "data": "data.path",
+    "output": "output.dir",
+    "batch_size": "train.batch_size",
+    "grad_accum": "train.grad_accum",
+    "max_steps": "train.max_steps",
+    "epochs": "train.epochs",
+    "lr": "optim.lr",
+    "rank": "lora.rank",
+    "alpha": "lora.alpha",
+    "seed": "train.seed",
+    "mixed_precision": "runtime.mixed_precision",
+    "device": "runtime.device",
+    "devices": "runtime.devices",
+    "checkpoint_every": "output.checkpoint_every",
+    "keep_checkpoints": "output.keep_checkpoints",
+    "overwrite": "output.overwrite",
+    "allow_pickle": "model.allow_pickle",
+    "ca_bundle": "hub.ca_bundle",
+    "hf_endpoint": "hub.endpoint",
+    "offline": "hub.offline",
+    "hub": "hub.source",
+    "insecure_skip_tls_verify": "hub.insecure_skip_tls_verify",
+}
+
+
+def _common_flags(arguments: dict[str, Any]) -> dict[str, Any]:
+    return {key: arguments[name] for name, key in _COMMON_FLAG_KEYS.items()}
+
+
+def _build(
+    *, task: str, preset: str | None, config_file: Path | None, flags: dict, overrides: list[str] | None
+) -> RunConfig:
+    from tuner.config.load import build_config
+    from tuner.errors import ConfigError
+    from tuner.runtime import apply_hub_settings
+
+    config = build_config(
+        preset=preset, config_file=config_file, flags=flags, overrides=overrides or (), task=task
+    )
+    if not config.output.dir:
+        raise ConfigError(
+            "no output folder given", hint="pass --output DIR (or set output.dir in the config)"
+        )
+    if not config.data.path:
+        raise ConfigError("no dataset given", hint="pass --data PATH (or `--data tiny` for a generated one)")
+    # Hub settings go into the environment before any recipe imports huggingface_hub.
+    hub = config.hub
+    for warning in apply_hub_settings(
+        endpoint=hub.endpoint,
+        ca_bundle=hub.ca_bundle,
+        offline=hub.offline,
+        insecure_skip_tls_verify=hub.insecure_skip_tls_verify,
+    ):
+        print(f"warning: {warning}", file=sys.stderr)
+    return config
+
+
+def _report_done(output_dir: Path) -> None:
+    print(f"\nDone. Everything is in {output_dir}/")

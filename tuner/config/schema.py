@@ -1,0 +1,158 @@
+"""The one validated config of a run.
+
+Every section is a strict pydantic model: unknown keys are errors (the loader turns them into a
+message that suggests the closest valid key). Defaults here are the built-in layer; presets, the
+user's file, flags and `--set` override them in that order (see `tuner.config.load`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Task = Literal["sdxl-lora", "qwenvl-lora"]
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    # A hub ID, a local folder, a single-file .safetensors checkpoint (SDXL), or `tiny` for the
+    # built-in tiny model of the task's family (`tiny-qwen2-vl`, `tiny-qwen2.5-vl`, `tiny-qwen3-vl`).
+    name_or_path: str = "tiny"
+    revision: str | None = None
+    variant: str | None = None
+    # A separate VAE (SDXL), e.g. the fp16-safe `madebyollin/sdxl-vae-fp16-fix`.
+    vae: str | None = None
+    # Set when the supplied VAE is known not to overflow in half precision; otherwise the VAE runs fp32.
+    vae_half_precision_safe: bool = False
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    # Attention kernel: `sdpa` everywhere, `flash_attention_2` on CUDA when installed, `eager` to debug.
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class DataConfig(Section):
+    path: str | None = None
+    # Columns for a Hugging Face dataset or a metadata.jsonl/csv folder (SDXL).
+    image_column: str = "image"
+    caption_column: str = "text"
+    # Qwen-VL image paths are relative to this folder (default: the data file's folder).
+    image_root: str | None = None
+    # SDXL: the square side whose area sets the bucket set (1024 -> buckets of ~1024*1024 px).
+    resolution: int = 1024
+    bucketing: bool = True
+    bucket_step: int = 64
+    center_crop: bool = True
+    random_flip: bool = False
+    # Background colour for images with transparency (RGBA, LA, P with transparency).
+    background: tuple[int, int, int] = (255, 255, 255)
+    caption_prefix: str = ""
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    shuffle_tags: bool = False
+    keep_tags: int = Field(0, ge=0)
+    # Refuse images with more pixels than this (decompression bombs).
+    max_image_pixels: int = 178_956_970
+    # Qwen-VL: bounds for the processor's dynamic resolution, in pixels.
+    max_pixels: int = 768 * 768
+    min_pixels: int = 256 * 28 * 28 // 4
+    max_length: int = 2048
+    # Over-long samples: `drop` (counted and reported) or `truncate` (never inside an image's tokens).
+    overlength: Literal["drop", "truncate"] = "drop"
+    group_by_length: bool = True
+    validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    skip_bad: bool = False
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    num_workers: int = Field(0, ge=0)
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # SDXL: `attention`, `attention+ffn`, `attention+ffn+conv`. Qwen-VL: any of `llm`, `vision`, `merger`.
+    targets: list[str] = Field(default_factory=list)
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] | str = "default"
+    # SDXL: also adapt both text encoders (turns embedding caching off).
+    text_encoder: bool = False
+    text_encoder_lr: float | None = None
+    use_rslora: bool = False
+
+
+class OptimConfig(Section):
+    name: str = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = 1.0
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    # SDXL: cache VAE latents and text-encoder outputs before the first step.
+    cache: bool = True
+    cache_dir: str | None = None
+    # SDXL loss options.
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    pyramid_noise_discount: float = 0.0
+    timestep_min: int = Field(0, ge=0)
+    timestep_max: int = Field(1000, ge=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    max_nonfinite: int = Field(5, ge=1)
+
+
+class OutputConfig(Section):
+    dir: str | None = None
+    checkpoint_every: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(0, ge=0)
+    sample_prompts: list[str] = Field(default_factory=list)
+    sample_steps: int = Field(25, ge=1)
+    save_format: Literal["diffusers", "kohya", "both", "peft"] = "diffusers"
+    overwrite: bool = False
+
+
+class RuntimeConfig(Section):
+    # `auto` picks NPU, then CUDA, then CPU.
+    device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
+    # Comma-separated device indices; mapped to ASCEND_RT_VISIBLE_DEVICES or CUDA_VISIBLE_DEVICES.
+    devices: str | None = None
+    mixed_precision: MixedPrecision = "auto"
+    compile: bool = False
+    num_threads: int | None = Field(None, ge=1)
+
+
+class HubConfig(Section):
+    endpoint: str | None = None
+    ca_bundle: str | None = None
+    offline: bool = False
+    source: Literal["huggingface", "modelscope"] = "huggingface"
+    cache_dir: str | None = None
+    # Never set by a preset: turns TLS verification off for hub downloads only, loudly.
+    insecure_skip_tls_verify: bool = False
+
+
+class RunConfig(Section):
+    task: Task | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)

@@ -1,0 +1,1 @@
+"""Dataset components: decoding, layouts, buckets, conversations and batch sampling."""

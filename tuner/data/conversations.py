@@ -1,0 +1,429 @@
+"""Qwen-VL conversation records: read, validate and normalise them without decoding images.
+
+Two record formats are accepted, one record per JSONL line or per element of a JSON array:
+
+* **messages** (the transformers chat format)::
+
+      {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...], "images": ["a.png", ...]}
+
+  `content` is a string, where each `<image>` marks where the next entry of `images` goes, or a list
+  of parts: `{"type": "text", "text": "..."}` and `{"type": "image"}` (takes the next entry of
+  `images`) or `{"type": "image", "image": "a.png"}` (an inline path; `"path"` works as the key too).
+
+* **conversations** (LLaVA / ShareGPT)::
+
+      {"conversations": [{"from": "human"|"gpt"|"system", "value": "<image>\\nWhat is this?"}, ...],
+       "image": "a.png"}            # or "images": ["a.png", ...]
+
+  `"user"` and `"assistant"` are accepted as `from` values too; tool roles (`observation`,
+  `function_call`) are not. A top-level `"system"` string is used as the system prompt.
+
+Both formats may also carry a top-level `system` string (used when the turns have no system turn).
+Every conversation becomes the messages format with list content; a system turn may only come
+first, images may only appear outside assistant turns (their tokens would otherwise be supervised),
+and the last turn must be the assistant's answer.
+
+Image paths are relative to `image_root` (default: the folder of the data file). Absolute paths are
+accepted when they lie inside `image_root`. A path that leaves the root (`..`, an absolute path
+elsewhere, a symlink pointing outside) is refused, so a dataset cannot make training read arbitrary
+files.
+
+Every problem in a record is reported (with the data file and the 1-based line or array index) and
+the record is skipped; the caller decides whether to stop (see `tuner data check`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tuner.data.problems import Problem
+from tuner.errors import DataError
+
+IMAGE_PLACEHOLDER = "<image>"
+DATA_SUFFIXES = (".json", ".jsonl")
+CHAT_ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One training sample: chat messages with list content and the images they point at."""
+
+    messages: list[dict]
+    images: list[Path]
+    source: str
+
+
+@dataclass
+class ConversationScan:
+    """What a scan of a dataset produced: the usable conversations and every problem found."""
+
+    conversations: list[Conversation] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def load_conversations(
+    path: str | Path, image_root: str | Path | None = None, check_images: bool = True
+) -> ConversationScan:
+    """Read every record under `path` (a .json/.jsonl file, or a folder of them, in name order).
+
+    Raises DataError when `path` does not exist or holds no records at all (nothing parsed and
+    nothing wrong to report); otherwise bad records come back as problems.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(
+            f"data path {path} does not exist",
+            hint="set data.path to a .json or .jsonl file of conversations, or a folder holding them",
+        )
+    if path.is_dir():
+        data_files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    else:
+        data_files = [path]
+    scan = ConversationScan()
+    image_checks: dict[Path, Problem | None] = {}
+    for data_file in data_files:
+        root = Path(image_root) if image_root is not None else data_file.parent
+        root = Path(os.path.abspath(root))
+        for record_number, record, problem in _read_records(data_file):
+            if problem is not None:
+                scan.problems.append(problem)
+                continue
+            parser = _RecordParser(data_file, record_number, root, check_images, image_checks)
+            conversation = parser.parse(record)
+            scan.problems.extend(parser.problems)
+            if conversation is not None:
+                scan.conversations.append(conversation)
+    if not scan.conversations and not scan.problems:
+        where = f"{path} (no .json or .jsonl files in it)" if path.is_dir() and not data_files else str(path)
+        raise DataError(
+            f"no conversation records in {where}",
+            hint="write one JSON object per line (.jsonl) or a JSON array of objects (.json), "
+            'each with "messages" or "conversations"',
+        )
+    return scan
+
+
+def _read_records(data_file: Path) -> Iterator[tuple[int | None, object, Problem | None]]:
+    """Yield `(record_number, record, problem)` for each record of a .json or .jsonl file."""
+
+    def malformed(what: str, fix: str, record: int | None = None) -> tuple[int | None, None, Problem]:
+        return record, None, Problem(str(data_file), "malformed-line", what, fix, record=record)
+
+    try:
+        text = data_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        yield malformed(f"cannot read the file ({error})", "save it as UTF-8 text")
+        return
+    if data_file.suffix.lower() == ".jsonl":
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line), None
+            except json.JSONDecodeError as error:
+                what = f"not valid JSON ({error.msg} at column {error.colno})"
+                yield malformed(what, "write one complete JSON object per line", line_number)
+        return
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        what = f"not valid JSON ({error.msg} at line {error.lineno})"
+        fix = "fix the JSON syntax (a .json file holds one array of records; use .jsonl for one per line)"
+        yield malformed(what, fix, error.lineno)
+        return
+    if not isinstance(records, list):
+        what = f"the top level is a JSON {type(records).__name__}, not an array"
+        yield malformed(what, "put the records in a JSON array: [{...}, {...}]")
+        return
+    yield from ((index, record, None) for index, record in enumerate(records, start=1))
+
+
+class _RecordParser:
+    """Turns one record into a Conversation, collecting every problem it finds along the way."""
+
+    def __init__(
+        self,
+        data_file: Path,
+        record_number: int,
+        image_root: Path,
+        check_images: bool,
+        image_checks: dict[Path, Problem | None],
+    ) -> None:
+        self.data_file = data_file
+        self.record_number = record_number
+        self.image_root = image_root
+        self.check_images = check_images
+        self.image_checks = image_checks
+        self.problems: list[Problem] = []
+
+    def report(self, kind: str, what: str, fix: str) -> None:
+        self.problems.append(Problem(str(self.data_file), kind, what, fix, record=self.record_number))
+
+    def parse(self, record: object) -> Conversation | None:
+        if not isinstance(record, dict):
+            self.report(
+                "malformed-line",
+                f"the record is a JSON {type(record).__name__}, not an object",
+                'write each record as an object with "messages" or "conversations"',
+            )
+            return None
+        if "messages" in record:
+            turns = self._messages_turns(record["messages"])
+        elif "conversations" in record:
+            turns = self._sharegpt_turns(record["conversations"])
+        else:
+            self.report(
+                "missing-key",
+                'the record has neither "messages" nor "conversations"',
+                'add "messages" (role/content) or "conversations" (from/value)',
+            )
+            return None
+        listed_images = self._listed_images(record)
+        system = record.get("system")
+        if system is not None and not isinstance(system, str):
+            self.report("bad-type", '"system" is not a string', "write the system prompt as a string")
+        if turns is None or self.problems:
+            return None
+        if isinstance(system, str) and system.strip() and (not turns or turns[0]["role"] != "system"):
+            turns.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        self._check_turn_order(turns)
+        # Images are checked even when the turn order is wrong, so one pass reports both.
+        image_paths = self._assign_images(turns, listed_images) or []
+        images = [self._checked_image(image) for image in image_paths]
+        if self.problems:
+            return None
+        messages = [{"role": turn["role"], "content": turn["content"]} for turn in turns]
+        return Conversation(messages=messages, images=images, source=f"{self.data_file}:{self.record_number}")
+
+    def _messages_turns(self, messages: object) -> list[dict] | None:
+        if not isinstance(messages, list):
+            self.report(
+                "bad-type", '"messages" is not a list', 'write "messages" as a list of {role, content}'
+            )
+            return None
+        turns = []
+        for number, message in enumerate(messages, start=1):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                self.report(
+                    "missing-key",
+                    f'message {number} lacks "role" or "content"',
+                    'give every message a "role" and a "content"',
+                )
+                continue
+            role = message["role"]
+            if role not in CHAT_ROLES:
+                self.report(
+                    "unknown-role",
+                    f"message {number} has role {role!r}",
+                    f"use one of {', '.join(CHAT_ROLES)}",
+                )
+                continue
+            content = self._content_parts(message["content"], f"message {number}")
+            if content is not None:
+                turns.append({"role": role, "content": content, "number": number})
+        return turns
+
+    def _sharegpt_turns(self, conversations: object) -> list[dict] | None:
+        if not isinstance(conversations, list):
+            self.report(
+                "bad-type",
+                '"conversations" is not a list',
+                'write "conversations" as a list of {from, value}',
+            )
+            return None
+        turns = []
+        for number, turn in enumerate(conversations, start=1):
+            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+                self.report(
+                    "missing-key",
+                    f'turn {number} lacks "from" or "value"',
+                    'give every turn a "from" and a "value"',
+                )
+                continue
+            role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
+            if role is None:
+                self.report(
+                    "unknown-role",
+                    f"turn {number} is from {turn['from']!r}",
+                    f"use one of {', '.join(SHAREGPT_ROLES)}",
+                )
+                continue
+            if not isinstance(turn["value"], str):
+                self.report(
+                    "bad-type", f'turn {number} has a non-string "value"', "write the turn as a string"
+                )
+                continue
+            turns.append({"role": role, "content": _split_placeholders(turn["value"]), "number": number})
+        return turns
+
+    def _content_parts(self, content: object, where: str) -> list[dict] | None:
+        if isinstance(content, str):
+            return _split_placeholders(content)
+        if not isinstance(content, list):
+            self.report(
+                "bad-type",
+                f"{where} content is neither a string nor a list of parts",
+                'write content as a string or as [{"type": "text", "text": ...}, {"type": "image"}]',
+            )
+            return None
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                inline = part.get("image", part.get("path"))
+                if inline is not None and not isinstance(inline, str):
+                    self.report(
+                        "bad-type",
+                        f"{where} has an image part whose path is not a string",
+                        'write inline images as {"type": "image", "image": "relative/path.png"}',
+                    )
+                    return None
+                parts.append({"type": "image", "path": inline} if inline else {"type": "image"})
+            elif kind == "text":
+                self.report(
+                    "missing-key",
+                    f'{where} has a text part without a string "text"',
+                    'write text parts as {"type": "text", "text": "..."}',
+                )
+                return None
+            else:
+                self.report(
+                    "missing-key",
+                    f'{where} has a part without type "text" or "image"',
+                    'give every part "type": "text" or "type": "image" (videos are not supported)',
+                )
+                return None
+        return parts
+
+    def _listed_images(self, record: dict) -> list[str] | None:
+        listed = record.get("images", record.get("image", []))
+        if isinstance(listed, str):
+            listed = [listed]
+        if not isinstance(listed, list) or not all(isinstance(item, str) for item in listed):
+            self.report(
+                "bad-type",
+                '"images" is not a list of paths',
+                'write "images" as a list of path strings (or "image" as one string)',
+            )
+            return None
+        return listed
+
+    def _check_turn_order(self, turns: list[dict]) -> None:
+        for index, turn in enumerate(turns):
+            label = f"{'message' if 'number' in turn else 'turn'} {turn.get('number', index + 1)}"
+            if turn["role"] == "system" and index > 0:
+                self.report(
+                    "misplaced-system",
+                    f"{label} is a system turn after the first turn",
+                    "put the system prompt first, or merge it into a user turn",
+                )
+            text = "".join(part["text"] for part in turn["content"] if part["type"] == "text")
+            has_image = any(part["type"] == "image" for part in turn["content"])
+            if not text.strip() and not has_image:
+                self.report(
+                    "empty-turn", f"{label} ({turn['role']}) is empty", "remove the turn or give it text"
+                )
+            if turn["role"] == "assistant" and has_image:
+                self.report(
+                    "image-in-answer",
+                    f"{label} is an assistant turn holding an image",
+                    "move the image into the user turn before it",
+                )
+        if not turns or turns[-1]["role"] != "assistant":
+            self.report(
+                "no-final-answer",
+                "the conversation does not end with an assistant turn",
+                "end every conversation with the answer the model should learn",
+            )
+
+    def _assign_images(self, turns: list[dict], listed_images: list[str]) -> list[str] | None:
+        """Give each image placeholder its path, in order; inline paths don't use up `images`."""
+        placeholders = [part for turn in turns for part in turn["content"] if part["type"] == "image"]
+        without_path = sum(1 for part in placeholders if "path" not in part)
+        if without_path != len(listed_images):
+            self.report(
+                "image-count-mismatch",
+                f"{without_path} image placeholder(s) but {len(listed_images)} listed image(s)",
+                f'put one {IMAGE_PLACEHOLDER} (or {{"type": "image"}}) per listed image, in order',
+            )
+            return None
+        remaining = iter(listed_images)
+        return [part.pop("path") if "path" in part else next(remaining) for part in placeholders]
+
+    def _checked_image(self, relative: str) -> Path:
+        # Lexical normalisation first: `..` must not walk out of the root even through a missing folder.
+        image = Path(os.path.normpath(self.image_root / relative))
+        if not image.is_relative_to(self.image_root):
+            self.report(
+                "path-escape",
+                f"image {relative!r} lies outside the image root {self.image_root}",
+                "keep images under data.image_root (relative paths without `..`)",
+            )
+            return image
+        if image in self.image_checks:
+            problem = self.image_checks[image]
+            if problem is not None:
+                self.problems.append(replace(problem, file=str(self.data_file), record=self.record_number))
+            return image
+        problem = self._image_problem(image, relative)
+        self.image_checks[image] = problem
+        if problem is not None:
+            self.problems.append(problem)
+        return image
+
+    def _image_problem(self, image: Path, relative: str) -> Problem | None:
+        def problem(kind: str, what: str, fix: str) -> Problem:
+            return Problem(str(self.data_file), kind, what, fix, record=self.record_number)
+
+        if not image.exists():
+            return problem(
+                "missing-image",
+                f"image {relative!r} not found at {image}",
+                "fix the path or set data.image_root to the folder the paths are relative to",
+            )
+        if not image.resolve().is_relative_to(self.image_root.resolve()):
+            return problem(
+                "path-escape",
+                f"image {relative!r} is a link to {image.resolve()}, outside "
+                f"the image root {self.image_root}",
+                "copy the image into the image root",
+            )
+        if self.check_images:
+            from PIL import Image
+
+            try:
+                with Image.open(image) as opened:
+                    opened.verify()
+            # PIL reports corrupt or unknown files with many exception types (OSError, SyntaxError,
+            # ValueError, struct.error, DecompressionBombError...), so any failure counts as unreadable.
+            except Exception as error:
+                return problem(
+                    "unreadable-image",
+                    f"image {relative!r} cannot be read ({error})",
+                    "re-save it as PNG/JPEG/WebP or remove the record",
+                )
+        return None
+
+
+def _split_placeholders(text: str) -> list[dict]:
+    """`"<image>\\nWhat?"` -> `[{"type": "image"}, {"type": "text", "text": "\\nWhat?"}]`, text kept as is."""
+    parts: list[dict] = []
+    for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if index > 0:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts

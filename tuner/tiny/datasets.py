@@ -1,0 +1,120 @@
+"""Small generated datasets for the tiny models: coloured shapes on plain backgrounds.
+
+`--data tiny` resolves here, so the demo and the tests train on real files in the real layouts
+(a kohya caption folder for SDXL, a JSONL of conversations for Qwen-VL) without any download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+DATASET_VERSION = 1
+# (colour name, RGB, shape, width, height): mixed aspect ratios so bucketing has work to do.
+_SHAPES = [
+    ("red", (220, 30, 30), "square", 96, 96),
+    ("blue", (30, 60, 220), "circle", 128, 96),
+    ("green", (30, 180, 60), "triangle", 96, 128),
+    ("yellow", (230, 210, 40), "square", 128, 64),
+    ("purple", (140, 40, 180), "circle", 96, 96),
+    ("orange", (240, 140, 20), "triangle", 64, 128),
+    ("red", (220, 30, 30), "circle", 112, 80),
+    ("blue", (30, 60, 220), "square", 80, 112),
+]
+
+
+def resolve_tiny_dataset(path: str, task: str, root: Path | None = None) -> str:
+    """`tiny` -> the generated dataset for the task (built once); any other path is returned as is."""
+    if path != "tiny":
+        return path
+    kind = "sdxl" if task == "sdxl-lora" else "qwenvl"
+    return str(build_tiny_dataset(kind, root))
+
+
+def build_tiny_dataset(kind: str, root: Path | None = None) -> Path:
+    """Build (once) and return the folder of a tiny dataset: `sdxl` (captions) or `qwenvl` (conversations)."""
+    root = Path(root or os.environ.get("TUNER_TINY_DIR") or Path.home() / ".cache" / "tuner" / "tiny")
+    target = root / f"dataset-{kind}-v{DATASET_VERSION}"
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        _write_sdxl(staging) if kind == "sdxl" else _write_qwenvl(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            # Another process finished the same build first; its copy is identical.
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def draw_shape(colour: tuple[int, int, int], shape: str, width: int, height: int) -> Image.Image:
+    image = Image.new("RGB", (width, height), (245, 245, 240))
+    draw = ImageDraw.Draw(image)
+    side = min(width, height) * 0.7
+    left, top = (width - side) / 2, (height - side) / 2
+    box = (left, top, left + side, top + side)
+    if shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "circle":
+        draw.ellipse(box, fill=colour)
+    else:
+        draw.polygon([(left, top + side), (left + side, top + side), (left + side / 2, top)], fill=colour)
+    return image
+
+
+def _write_sdxl(folder: Path) -> None:
+    for index, (name, colour, shape, width, height) in enumerate(_SHAPES):
+        stem = f"{index:02d}-{name}-{shape}"
+        draw_shape(colour, shape, width, height).save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(f"a {name} {shape}, plain background\n", encoding="utf-8")
+
+
+def _write_qwenvl(folder: Path) -> None:
+    (folder / "images").mkdir()
+    records = []
+    for index, (name, colour, shape, width, height) in enumerate(_SHAPES):
+        image_name = f"images/{index:02d}-{name}-{shape}.png"
+        draw_shape(colour, shape, width, height).save(folder / image_name)
+        records.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "<image>What is in the picture?"},
+                    {"role": "assistant", "content": f"A {name} {shape}."},
+                ],
+                "images": [image_name],
+            }
+        )
+    # A text-only sample and a multi-turn one, so both paths are exercised by the demo.
+    records.append(
+        {
+            "messages": [
+                {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Red."},
+            ]
+        }
+    )
+    records.append(
+        {
+            "messages": [
+                {"role": "system", "content": "You answer in three words or fewer."},
+                {"role": "user", "content": "<image>What colour is the shape?"},
+                {"role": "assistant", "content": "Blue."},
+                {"role": "user", "content": "And its form?"},
+                {"role": "assistant", "content": "A circle."},
+            ],
+            "images": ["images/01-blue-circle.png"],
+        }
+    )
+    with open(folder / "train.jsonl", "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
