@@ -103,6 +103,46 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name, see `tun
     print(config_as_yaml(config), end="")
 
 
+@app.command(
+    "launch",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def launch_command(
+    ctx: typer.Context,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the command instead of running it.")
+    ] = False,
+    socket_ifname: Annotated[
+        str | None, typer.Option("--socket-ifname", help="Network interface for HCCL/NCCL/gloo, e.g. eth0.")
+    ] = None,
+    device: options.Device = None,
+) -> None:
+    """Start `accelerate launch` on this node from the cluster's environment (plain, ModelArts, PyTorchJob).
+
+    Everything after the options is passed to tuner, e.g. `tuner launch -- train sdxl-lora --preset ...`.
+    """
+    import os
+    import socket
+
+    from tuner.launch import accelerate_command, collective_settings, detect_topology, format_command
+    from tuner.runtime import resolve_runtime
+
+    runtime = resolve_runtime(device or "auto")
+    topology = detect_topology(os.environ, runtime.device_count, socket.gethostname())
+    if not topology.should_launch:
+        print("launch: legacy per-card boot mode; the copy on device 0 starts the launcher for this node")
+        return
+    settings = collective_settings(runtime.device_type, socket_ifname, os.environ)
+    command = accelerate_command(topology, ctx.args, device_type=runtime.device_type)
+    print(
+        f"launch: {topology.platform} job, node {topology.machine_rank + 1} of {topology.num_machines}, "
+        f"{topology.processes_per_machine} process(es) per node"
+    )
+    print(format_command(settings, command), flush=True)
+    if not dry_run:
+        os.execvpe(command[0], command, {**os.environ, **settings})
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs the app and renders user errors as one or two lines."""
     try:

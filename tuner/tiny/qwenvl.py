@@ -119,7 +119,7 @@ QWEN3_VL_CHAT_TEMPLATE = (
     "{%- for tool in tools -%}{{ '\\n' ~ (tool | tojson) }}{%- endfor -%}"
     "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
     "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
-    '{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}"
+    '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}'
     "{%- elif messages[0].role == 'system' -%}"
     "{{ '<|im_start|>system\\n' ~ render_content(messages[0].content) ~ '<|im_end|>\\n' }}"
     "{%- endif -%}"
@@ -131,7 +131,7 @@ QWEN3_VL_CHAT_TEMPLATE = (
     "{%- for tool_call in message.tool_calls or [] -%}"
     "{%- set call = tool_call.function if tool_call.function else tool_call -%}"
     "{%- if loop.first and message.content -%}{{ '\\n' }}{%- endif -%}"
-    "{{ '<tool_call>\\n{\"name\": \"' ~ call.name ~ '\", \"arguments\": ' }}"
+    '{{ \'<tool_call>\\n{"name": "\' ~ call.name ~ \'", "arguments": \' }}'
     "{{- call.arguments if call.arguments is string else (call.arguments | tojson) -}}"
     "{{ '}\\n</tool_call>' }}"
     "{%- endfor -%}"
@@ -249,7 +249,14 @@ FAMILIES: dict[str, Family] = {
         patch_size=16,
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
-        extra_tokens=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"),
+        extra_tokens=(
+            "<tool_call>",
+            "</tool_call>",
+            "<tool_response>",
+            "</tool_response>",
+            "<think>",
+            "</think>",
+        ),
         text_config_extra={"head_dim": TEXT_HEAD_DIM, "attention_bias": False, "rms_norm_eps": 1e-6},
     ),
 }

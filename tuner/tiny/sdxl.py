@@ -54,7 +54,9 @@ def build(folder: Path) -> None:
     # As in SDXL base: the first tokenizer pads with <|endoftext|>, the second with "!".
     tokenizer = _tokenizer(pad_token="<|endoftext|>")
     tokenizer_2 = _tokenizer(pad_token="!")
-    text_encoder = CLIPTextModel(_text_encoder_config(tokenizer, TEXT_ENCODER_HIDDEN, hidden_act="quick_gelu"))
+    text_encoder = CLIPTextModel(
+        _text_encoder_config(tokenizer, TEXT_ENCODER_HIDDEN, hidden_act="quick_gelu")
+    )
     text_encoder_2 = CLIPTextModelWithProjection(
         _text_encoder_config(
             tokenizer_2, TEXT_ENCODER_2_HIDDEN, hidden_act="gelu", projection_dim=TEXT_ENCODER_2_PROJECTION

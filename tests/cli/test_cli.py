@@ -1,0 +1,86 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuner.cli.main import main
+
+TUNER = Path(sys.executable).with_name("tuner")
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_lists_the_command_tree(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    for command in ("env", "presets", "train"):
+        assert command in out
+
+
+def test_presets_show_prints_the_resolved_preset(capsys):
+    code, out, _ = run_cli(capsys, "presets", "show", "tiny-cpu")
+    assert code == 0
+    resolved = yaml.safe_load(out)
+    assert resolved["runtime"]["device"] == "cpu"
+    assert resolved["optim"]["weight_decay"] == 0.01  # a built-in default, resolved under the preset
+
+
+def test_unknown_preset_is_two_lines_and_exit_2(capsys):
+    code, out, err = run_cli(capsys, "presets", "show", "tiny-gpu")
+    assert code == 2
+    assert err.splitlines() == [
+        "error: unknown preset 'tiny-gpu'",
+        err.splitlines()[1],
+    ]
+    assert err.splitlines()[1].startswith("hint: did you mean 'tiny-cpu'?")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", "o", "--set", "train.batchsize=2"],
+         "unknown config key 'train.batchsize'"),
+        (["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", "o", "--batch-size", "two"],
+         "'two' is not a valid integer"),
+        (["train", "qwenvl-lora", "--preset", "tiny-cpu", "--output", "o", "--mixed-precision", "fp8"],
+         "runtime.mixed_precision"),
+        (["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", "o", "--config", "missing.yaml"],
+         "config file missing.yaml does not exist"),
+        (["train", "sdxl-lora", "--preset", "tiny-cpu"], "no output folder given"),
+        (["train", "sdxl-lora", "--preset", "qwen2.5-vl-7b-910b", "--output", "o"], "the config is for task"),
+        (["presets", "show", "tiny-cpu", "--bogus"], "No such option: --bogus"),
+    ],
+)
+def test_user_errors_are_short_and_exit_2(capsys, argv, expected):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("error: ") and expected in lines[0]
+    assert len(lines) <= 2 and all(line.startswith(("error: ", "hint: ")) for line in lines)
+
+
+def test_verbose_shows_the_traceback(capsys):
+    code, _, err = run_cli(capsys, "--verbose", "presets", "show", "nope")
+    assert code == 2
+    assert "Traceback" in err and "error: unknown preset 'nope'" in err
+
+
+def test_console_script_runs_in_a_real_subprocess():
+    result = subprocess.run([str(TUNER), "presets", "list"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "tiny-cpu" in result.stdout and "sdxl-910b" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "tuner", "presets", "show", "nope"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: unknown preset 'nope'")
