@@ -52,7 +52,7 @@ def test_unknown_preset_is_two_lines_and_exit_2(capsys):
         (["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", "o", "--set", "train.batchsize=2"],
          "unknown config key 'train.batchsize'"),
         (["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", "o", "--batch-size", "two"],
-         "'two' is not a valid integer"),
+         "Invalid value for '--batch-size'"),
         (["train", "qwenvl-lora", "--preset", "tiny-cpu", "--output", "o", "--mixed-precision", "fp8"],
          "runtime.mixed_precision"),
         (["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", "o", "--config", "missing.yaml"],

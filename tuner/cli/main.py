@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 from tuner import __version__
 from tuner.cli import options
+from tuner.cli.data import data_app
 from tuner.cli.train import train_app
 from tuner.errors import TunerError
 
@@ -35,6 +36,7 @@ app = typer.Typer(
 presets_app = typer.Typer(help="List and show the built-in presets.", no_args_is_help=True)
 app.add_typer(presets_app, name="presets")
 app.add_typer(train_app, name="train")
+app.add_typer(data_app, name="data")
 
 _verbose = False
 

@@ -31,7 +31,9 @@ def sdxl_buckets(resolution: int = 1024, step: int = 64, max_ratio: float = 4.0)
             hint="use a data.bucket_step of at least 1 and no larger than data.resolution (64 is usual)",
         )
     if max_ratio < 1:
-        raise ConfigError(f"maximum bucket aspect ratio {max_ratio} is below 1", hint="use 1 or more (4 is usual)")
+        raise ConfigError(
+            f"maximum bucket aspect ratio {max_ratio} is below 1", hint="use 1 or more (4 is usual)"
+        )
     area = resolution * resolution
     buckets: set[tuple[int, int]] = set()
     width = step
@@ -82,7 +84,7 @@ def plan_crop(
     center: bool = True,
     rng: random.Random | None = None,
 ) -> CropPlan:
-    """Resize (width, height) to just cover `bucket`, then crop the centre or, with `center=False`, a random spot.
+    """Resize (width, height) to just cover `bucket`, then crop its centre (or a random spot).
 
     Without bucketing, pass `(resolution, resolution)` as the bucket for a square crop.
     """

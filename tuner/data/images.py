@@ -48,7 +48,9 @@ def load_image_rgb(
     path = Path(path)
     if not path.is_file():
         raise UnusableImage(
-            Problem(str(path), "missing-image", "image file does not exist", "fix the path or restore the file")
+            Problem(
+                str(path), "missing-image", "image file does not exist", "fix the path or restore the file"
+            )
         )
     _refuse_empty(path.stat().st_size, str(path))
     return _decode(lambda: path.open("rb"), str(path), background, max_pixels)
@@ -113,7 +115,12 @@ def _decode(
             return _to_rgb(image, background)
     except UnidentifiedImageError:
         raise UnusableImage(
-            Problem(name, "not-an-image", "not an image file Pillow can read", "remove it or convert it to PNG/JPEG")
+            Problem(
+                name,
+                "not-an-image",
+                "not an image file Pillow can read",
+                "remove it or convert it to PNG/JPEG",
+            )
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise UnusableImage(

@@ -6,6 +6,7 @@ this module produces them from a short built-in corpus with a deterministic merg
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 
@@ -33,7 +34,7 @@ def learn_merges(words: Counter[tuple[str, ...]], num_merges: int) -> list[tuple
     for _ in range(num_merges):
         pair_counts: Counter[tuple[str, str]] = Counter()
         for symbols, count in words.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in itertools.pairwise(symbols):
                 pair_counts[pair] += count
         if not pair_counts:
             break

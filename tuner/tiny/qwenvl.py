@@ -289,8 +289,8 @@ def _processor(family: Family, tokenizer: Qwen2Tokenizer) -> ProcessorMixin:
         "image_mean": list(family.image_mean),
         "image_std": list(family.image_std),
     }
-    # Pixel bounds as in the real preprocessor configs, except a smaller minimum so small test images
-    # are not upscaled into hundreds of tokens.
+    # At least 2x2 merged patches: Qwen2-VL's real minimum (56*56). Qwen3-VL's real minimum is 256*256,
+    # lowered here so a small test image stays a few tokens instead of being upscaled to 64.
     image_processor = Qwen2VLImageProcessor(
         size={"shortest_edge": (factor * 2) ** 2, "longest_edge": factor * factor * 1280}, **preprocessing
     )

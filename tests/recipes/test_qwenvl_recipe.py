@@ -1,0 +1,88 @@
+"""The Qwen-VL LoRA recipe end to end on the tiny model and the generated conversation dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tuner.config.schema import RunConfig
+from tuner.data.conversations import Conversation
+from tuner.data.problems import Problem
+from tuner.errors import DataError
+from tuner.models.qwenvl import load_adapter_checked, load_qwenvl
+from tuner.recipes.qwenvl import describe_problems, drop_overlong, length_groups, train_qwenvl_lora
+
+
+def conversation(index: int) -> Conversation:
+    return Conversation(messages=[], images=[], source=f"train.jsonl:{index}")
+
+
+def test_length_groups_put_neighbouring_lengths_together():
+    lengths = [500, 20, 480, 30, 25, 510, 490, 35]
+    groups = length_groups(lengths * 4, batch_size=2)  # 32 samples, 16 short and 16 long
+    short = {g for g, length in zip(groups, lengths * 4, strict=True) if length < 100}
+    long = {g for g, length in zip(groups, lengths * 4, strict=True) if length >= 100}
+    assert short.isdisjoint(long)
+
+
+def test_drop_overlong_counts_and_refuses_when_nothing_fits(capsys):
+    conversations = [conversation(i) for i in range(3)]
+    kept, lengths = drop_overlong(conversations, [10, 90, 30], max_length=50, overlength="drop")
+    assert [c.source for c in kept] == ["train.jsonl:0", "train.jsonl:2"] and lengths == [10, 30]
+    assert "dropped 1 of 3" in capsys.readouterr().out
+    with pytest.raises(DataError, match="all 3 conversations are longer"):
+        drop_overlong(conversations, [60, 90, 70], max_length=50, overlength="drop")
+
+
+def test_describe_problems_shows_the_first_twenty_and_counts():
+    problems = [
+        Problem("train.jsonl", "missing-image", "image gone", "restore it", record=i) for i in range(25)
+    ]
+    text = describe_problems([*problems, Problem("train.jsonl", "malformed-line", "bad", "fix", record=99)])
+    assert "train.jsonl:19: image gone" in text and "train.jsonl:20:" not in text
+    assert "and 6 more" in text and "malformed-line 1, missing-image 25" in text
+
+
+@pytest.mark.slow
+def test_recipe_trains_saves_and_samples(tiny_model, tmp_path: Path):
+    output = tmp_path / "run"
+    config = RunConfig.model_validate(
+        {
+            "task": "qwenvl-lora",
+            "model": {"name_or_path": "tiny-qwen2.5-vl"},
+            "data": {
+                "path": "tiny",
+                "max_pixels": 64 * 64,
+                "min_pixels": 56 * 56,
+                "validation_fraction": 0.2,
+            },
+            "lora": {"rank": 4, "alpha": 8, "targets": ["llm", "vision"]},
+            "optim": {"lr": 1e-3},
+            "train": {"batch_size": 2, "max_steps": 3, "gradient_checkpointing": True},
+            "output": {"dir": str(output), "log_every": 1},
+            "runtime": {"device": "cpu", "mixed_precision": "no"},
+        }
+    )
+    assert train_qwenvl_lora(config) == output
+
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "chat_template.jinja",
+        "tuner_config.yaml",
+    ):
+        assert (output / name).is_file(), name
+    assert (output / "metrics.jsonl").read_text().strip()
+    with safe_open(output / "adapter_model.safetensors", "pt") as weights:
+        keys = list(weights.keys())
+    assert any(".visual.blocks." in k for k in keys) and any(".language_model." in k for k in keys)
+
+    answers = [json.loads(line) for line in (output / "samples" / "answers.jsonl").read_text().splitlines()]
+    assert answers and all({"question", "reference", "answer"} <= set(a) for a in answers)
+
+    base = load_qwenvl(str(tiny_model("qwen2.5-vl")), dtype=torch.float32)[0]
+    load_adapter_checked(base, output)  # raises if any weight in the file fits no layer

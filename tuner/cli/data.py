@@ -1,0 +1,138 @@
+"""`tuner data check`: list every problem in a dataset before training does, and summarise it."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+T = TypeVar("T")
+
+data_app = typer.Typer(help="Check datasets before training on them.", no_args_is_help=True)
+
+
+class DatasetKind(str, Enum):
+    sdxl = "sdxl"
+    qwenvl = "qwenvl"
+
+
+@data_app.command("check")
+def check_command(
+    kind: Annotated[DatasetKind, typer.Argument(help="sdxl (captioned images) or qwenvl (conversations).")],
+    path: Annotated[str, typer.Argument(help="Dataset folder or file (or a dataset name, for sdxl).")],
+    image_root: Annotated[
+        str | None, typer.Option("--image-root", help="qwenvl: folder image paths are relative to.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    min_size: Annotated[
+        int | None,
+        typer.Option("--min-size", help="Smallest short side in px (default: 64 for sdxl, 28 for qwenvl)."),
+    ] = None,
+    max_image_pixels: Annotated[
+        int | None, typer.Option("--max-image-pixels", help="Refuse images with more pixels (bombs).")
+    ] = None,
+    image_column: Annotated[
+        str | None, typer.Option("--image-column", help="sdxl: image column of a HF/metadata dataset.")
+    ] = None,
+    caption_column: Annotated[
+        str | None, typer.Option("--caption-column", help="sdxl: caption column of a HF/metadata dataset.")
+    ] = None,
+    resolution: Annotated[
+        int | None, typer.Option("--resolution", help="sdxl: training side length in px (sets buckets).")
+    ] = None,
+    bucket_step: Annotated[
+        int | None, typer.Option("--bucket-step", help="sdxl: bucket size step in px.")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="sdxl: batch size (flags buckets that cannot fill one)."),
+    ] = None,
+    model: Annotated[
+        str,
+        typer.Option("--model", help="qwenvl: model whose processor counts tokens; `tiny` for the built-in."),
+    ] = "tiny",
+    max_pixels: Annotated[
+        int | None, typer.Option("--max-pixels", help="qwenvl: upper bound of pixels per image.")
+    ] = None,
+    min_pixels: Annotated[
+        int | None, typer.Option("--min-pixels", help="qwenvl: lower bound of pixels per image.")
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option("--max-length", help="qwenvl: longest sample in tokens.")
+    ] = None,
+) -> None:
+    """Read the whole dataset the way training would and list EVERY problem, then a summary.
+
+    Exits 0 when the dataset is clean and 1 when it has problems. Unset options take training's defaults.
+    """
+    from tuner.config.schema import DataConfig, TrainConfig
+    from tuner.data.check import QWENVL_MIN_SIZE, SDXL_MIN_SIZE, check_qwenvl_dataset, check_sdxl_dataset
+
+    data = DataConfig()
+    if kind is DatasetKind.sdxl:
+        _refuse_options(
+            "qwenvl",
+            image_root=image_root,
+            max_pixels=max_pixels,
+            min_pixels=min_pixels,
+            max_length=max_length,
+        )
+        report = check_sdxl_dataset(
+            path,
+            image_column=_default(image_column, data.image_column),
+            caption_column=_default(caption_column, data.caption_column),
+            resolution=_default(resolution, data.resolution),
+            bucket_step=_default(bucket_step, data.bucket_step),
+            batch_size=_default(batch_size, TrainConfig().batch_size),
+            min_size=_default(min_size, SDXL_MIN_SIZE),
+            max_image_pixels=_default(max_image_pixels, data.max_image_pixels),
+        )
+    else:
+        _refuse_options(
+            "sdxl",
+            image_column=image_column,
+            caption_column=caption_column,
+            resolution=resolution,
+            bucket_step=bucket_step,
+            batch_size=batch_size,
+        )
+        min_pixels, max_pixels = _default(min_pixels, data.min_pixels), _default(max_pixels, data.max_pixels)
+        report = check_qwenvl_dataset(
+            path,
+            image_root=image_root,
+            processor=_load_processor(model, min_pixels, max_pixels),
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            max_image_pixels=_default(max_image_pixels, data.max_image_pixels),
+            min_size=_default(min_size, QWENVL_MIN_SIZE),
+            max_length=_default(max_length, data.max_length),
+        )
+    print(json.dumps(report.to_json(), indent=2) if as_json else report.format_text())
+    if report.problems:
+        # Not typer.Exit: under main()'s standalone_mode=False, typer 0.29 returns its code, exiting 0.
+        raise SystemExit(1)
+
+
+def _default(value: T | None, default: T) -> T:
+    return default if value is None else value
+
+
+def _refuse_options(only_for: str, **values: Any) -> None:
+    given = [f"--{name.replace('_', '-')}" for name, value in values.items() if value is not None]
+    if given:
+        raise typer.BadParameter(f"{', '.join(given)} only apply to {only_for} datasets")
+
+
+def _load_processor(model: str, min_pixels: int, max_pixels: int) -> Any:
+    """Only the processor: token counts need the tokenizer, chat template and image processor, not weights."""
+    from transformers import AutoProcessor
+
+    from tuner.tiny import build_tiny, resolve_tiny_alias
+
+    tiny = resolve_tiny_alias(model, "qwenvl-lora")
+    # The pixel bounds decide how many tokens an image becomes: the processor must use training's.
+    return AutoProcessor.from_pretrained(
+        str(build_tiny(tiny)) if tiny else model, min_pixels=min_pixels, max_pixels=max_pixels
+    )

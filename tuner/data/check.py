@@ -1,0 +1,316 @@
+"""`tuner data check`: read a whole dataset the way training would and report every problem in it.
+
+The scanners (captions, conversations) find layout and record problems; this module decodes every
+image the way training will, adds what only a whole-dataset view shows (duplicates, size limits,
+statistics) and renders one report. Training prints the head of the same report before it refuses
+dirty data, so a problem reads the same in both places.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import statistics
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from tuner.data.buckets import bucket_histogram, nearest_bucket, sdxl_buckets
+from tuner.data.captions import DatasetRow, scan_caption_dataset
+from tuner.data.conversations import Conversation, load_conversations
+from tuner.data.images import DEFAULT_MAX_PIXELS, inspect_image
+from tuner.data.problems import Problem
+
+# SDXL trains at ~1024 px; below 64 px a picture is mostly upscaling blur.
+SDXL_MIN_SIZE = 64
+# One merged 28 px patch of Qwen2/2.5-VL: anything smaller is blown up before it becomes a single token.
+QWENVL_MIN_SIZE = 28
+# transformers' Qwen-VL `smart_resize` (5.23) raises for an aspect ratio above 200.
+QWENVL_MAX_ASPECT = 200
+_EXIF_ORIENTATION = 0x0112
+_STAT_LABELS = {
+    "width": "image width (px)",
+    "height": "image height (px)",
+    "aspect": "aspect (width/height)",
+    "caption_words": "caption (words)",
+    "text_words": "text (words)",
+    "tokens": "length (tokens)",
+}
+
+
+@dataclass
+class DataReport:
+    """What `tuner data check` found: every problem, the samples that are fine and summary numbers."""
+
+    kind: str  # "sdxl" | "qwenvl"
+    path: str
+    samples_ok: int
+    problems: list[Problem]
+    stats: dict
+    histogram: str  # the bucket (SDXL) or token-length (Qwen-VL) histogram
+
+    def problem_counts(self) -> dict[str, int]:
+        """Problems per kind, most frequent first."""
+        counts = Counter(problem.kind for problem in self.problems)
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "clean": not self.problems,
+            "samples_ok": self.samples_ok,
+            "problem_count": len(self.problems),
+            "problem_counts": self.problem_counts(),
+            "problems": [asdict(problem) for problem in self.problems],
+            "stats": self.stats,
+            "histogram": self.histogram,
+        }
+
+    def format_text(self, limit: int | None = None) -> str:
+        """Problem lines (the first `limit` of them, then a count of the rest), then the summary."""
+        shown = self.problems if limit is None else self.problems[:limit]
+        lines = [str(problem) for problem in shown]
+        hidden = len(self.problems) - len(shown)
+        if hidden:
+            lines.append(f"... and {hidden} more (`tuner data check {self.kind} {self.path}` lists them all)")
+        if lines:
+            lines.append("")
+        counts = ", ".join(f"{kind} {count}" for kind, count in self.problem_counts().items())
+        lines.append(
+            f"{self.kind} dataset {self.path}: {self.samples_ok} samples ok, "
+            f"{len(self.problems)} problem{'' if len(self.problems) == 1 else 's'}"
+            + (f" ({counts})" if counts else "")
+        )
+        lines.extend(_format_stats(self.stats))
+        if self.histogram:
+            lines.extend(["", self.histogram])
+        return "\n".join(lines)
+
+
+def check_sdxl_dataset(
+    path: str | Path,
+    *,
+    image_column: str = "image",
+    caption_column: str = "text",
+    resolution: int = 1024,
+    bucket_step: int = 64,
+    batch_size: int = 1,
+    min_size: int = SDXL_MIN_SIZE,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+) -> DataReport:
+    """Check a captioned-image dataset (any layout `scan_caption_dataset` reads), decoding every image."""
+    buckets = sdxl_buckets(resolution, bucket_step)
+    scan = scan_caption_dataset(
+        path,
+        image_column,
+        caption_column,
+        check_images=True,
+        max_pixels=max_image_pixels,
+        min_side=min_size,
+    )
+    sizes = [_upright_size(_encoded(sample.image)) for sample in scan.samples]
+    stats: dict = {
+        "layout": scan.layout,
+        **_image_stats(sizes),
+        "caption_words": _spread([len(sample.caption.split()) for sample in scan.samples]),
+        "resolution": resolution,
+        "batch_size": batch_size,
+    }
+    assignments = [nearest_bucket(width, height, buckets) for width, height in sizes]
+    histogram = bucket_histogram(assignments, batch_size) if assignments else ""
+    return DataReport("sdxl", str(path), len(scan.samples), list(scan.problems), stats, histogram)
+
+
+def check_qwenvl_dataset(
+    path: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    processor: Any = None,
+    max_pixels: int = 768 * 768,
+    min_pixels: int = 256 * 28 * 28 // 4,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: int = QWENVL_MIN_SIZE,
+    max_length: int = 2048,
+) -> DataReport:
+    """Check a Qwen-VL conversation dataset, decoding every image; with a `processor`, also measure every
+    sample in tokens.
+
+    `processor` should be built with `min_pixels`/`max_pixels` (they decide how many tokens an image
+    becomes); here they are only recorded in the statistics.
+    """
+    scan = load_conversations(path, image_root, check_images=False)
+    problems = list(scan.problems)
+    images: dict[Path, _ImageFacts | Problem] = {}
+    first_places: dict[tuple[str, ...], str] = {}
+    usable: list[Conversation] = []
+    for conversation in scan.conversations:
+        data_file, record = _split_source(conversation.source)
+        root = Path(image_root) if image_root is not None else Path(data_file).parent
+        found: list[Problem] = []
+        digests: list[str] = []
+        for image in conversation.images:
+            if image not in images:
+                images[image] = _inspect(image, max_image_pixels, min_size)
+            facts = images[image]
+            if isinstance(facts, Problem):
+                what = f"image {os.path.relpath(image, root)}: {facts.what}"
+                found.append(replace(facts, file=data_file, record=record, what=what))
+            else:
+                digests.append(facts.digest)
+        if not found:
+            key = (json.dumps(conversation.messages, sort_keys=True), *digests)
+            first = first_places.setdefault(key, conversation.source)
+            if first != conversation.source:
+                found.append(
+                    Problem(
+                        data_file,
+                        "duplicate-sample",
+                        f"same conversation and images as {first}",
+                        "remove the copy (duplicates train twice as often)",
+                        record,
+                    )
+                )
+        problems.extend(found)
+        if not found:
+            usable.append(conversation)
+
+    sizes = [(facts.width, facts.height) for facts in images.values() if isinstance(facts, _ImageFacts)]
+    stats: dict = {
+        "images": len(sizes),
+        **_image_stats(sizes),
+        "images_per_sample": _spread([len(conversation.images) for conversation in usable]),
+        "text_words": _spread([_text_words(conversation.messages) for conversation in usable]),
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+    }
+    histogram = ""
+    if processor is not None and usable:
+        from tuner.data.vl_encoding import token_length
+
+        lengths = [token_length(processor, conversation) for conversation in usable]
+        stats["tokens"] = _spread(lengths)
+        stats["max_length"] = max_length
+        stats["over_max_length"] = sum(length > max_length for length in lengths)
+        histogram = token_length_histogram(lengths, max_length)
+    return DataReport("qwenvl", str(path), len(usable), problems, stats, histogram)
+
+
+def token_length_histogram(lengths: Sequence[int], max_length: int) -> str:
+    """Samples per token-length range (powers of two), with the count of samples over `max_length`."""
+    bins = Counter(_power_of_two_ceiling(length) for length in lengths)
+    widest = max(bins.values())
+    lines = [f"{'tokens':>11}  {'samples':>7}"]
+    for upper in sorted(bins):
+        lower = upper // 2 + 1 if upper > 1 else 0
+        bar = "#" * max(1, round(30 * bins[upper] / widest))
+        lines.append(f"{f'{lower}-{upper}':>11}  {bins[upper]:>7}  {bar}")
+    over = sum(length > max_length for length in lengths)
+    lines.append(
+        f"{'total':>11}  {len(lengths):>7}  ({over} over max_length {max_length}, see data.overlength)"
+    )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _ImageFacts:
+    """An image that decodes: its upright size and a hash of its bytes (to find duplicates)."""
+
+    width: int
+    height: int
+    digest: str
+
+
+def _inspect(image: Path, max_pixels: int, min_side: int) -> _ImageFacts | Problem:
+    """Decode `image` as training will; when it is usable, its upright size and content hash."""
+    problem = inspect_image(image, max_pixels=max_pixels, min_side=min_side)
+    if problem is not None:
+        return problem
+    width, height = _upright_size(image)
+    if max(width, height) / min(width, height) > QWENVL_MAX_ASPECT:
+        return Problem(
+            str(image),
+            "extreme-aspect",
+            f"image is {width}x{height}, an aspect ratio over {QWENVL_MAX_ASPECT}:1 (Qwen-VL refuses it)",
+            "crop it, or cut it into several images",
+        )
+    return _ImageFacts(width, height, hashlib.sha256(image.read_bytes()).hexdigest())
+
+
+def _encoded(image: Path | DatasetRow) -> Path | bytes:
+    return image if isinstance(image, Path) else image.read()
+
+
+def _upright_size(image: Path | bytes) -> tuple[int, int]:
+    """(width, height) as training sees the image, read from the header without decoding the pixels."""
+    with (
+        warnings.catch_warnings(),
+        Image.open(image if isinstance(image, Path) else io.BytesIO(image)) as opened,
+    ):
+        # The image already passed our own pixel limit; Pillow's warning-level bomb check adds nothing.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        width, height = opened.size
+        # EXIF orientations 5-8 turn the picture by 90 degrees, and training loads it upright.
+        if opened.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+            return height, width
+    return width, height
+
+
+def _split_source(source: str) -> tuple[str, int | None]:
+    """`"data.jsonl:3"` -> `("data.jsonl", 3)`: the record number follows the last colon."""
+    file, _, record = source.rpartition(":")
+    return (file, int(record)) if file and record.isdigit() else (source, None)
+
+
+def _text_words(messages: Iterable[dict]) -> int:
+    return sum(
+        len(part["text"].split())
+        for message in messages
+        for part in message["content"]
+        if part["type"] == "text"
+    )
+
+
+def _power_of_two_ceiling(value: int) -> int:
+    return 1 << max(0, value - 1).bit_length()
+
+
+def _image_stats(sizes: Sequence[tuple[int, int]]) -> dict:
+    return {
+        "width": _spread([width for width, _ in sizes]),
+        "height": _spread([height for _, height in sizes]),
+        "aspect": _spread([width / height for width, height in sizes]),
+    }
+
+
+def _spread(values: Sequence[float]) -> dict | None:
+    """min / median / max of `values` (None when there are none), rounded for reading."""
+    if not values:
+        return None
+    return {
+        name: _round(value)
+        for name, value in (("min", min(values)), ("median", statistics.median(values)), ("max", max(values)))
+    }
+
+
+def _round(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else round(value, 2)
+
+
+def _format_stats(stats: dict) -> list[str]:
+    lines = []
+    for key, value in stats.items():
+        if value is None:
+            continue
+        label = f"{_STAT_LABELS.get(key, key.replace('_', ' '))}:"
+        if isinstance(value, dict):
+            value = f"min {value['min']}, median {value['median']}, max {value['max']}"
+        lines.append(f"  {label:<24}{value}")
+    return lines

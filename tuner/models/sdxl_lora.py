@@ -1,0 +1,142 @@
+"""LoRA on SDXL: which layers get adapters, injecting them through PEFT, and saving them for diffusers.
+
+Target sets for the UNet, named by what they adapt (combine them with `+`, or list them):
+
+* `attention` (default): the attention projections `to_q`, `to_k`, `to_v`, `to_out.0`, as the
+  diffusers SDXL LoRA example does; self- and cross-attention alike.
+* `ffn`: the transformer blocks' feed-forward layers `ff.net.0.proj` (GEGLU input) and `ff.net.2`.
+* `conv`: the ResNet blocks' 3x3 `conv1`/`conv2`, their 1x1 `conv_shortcut` where channels change, and
+  `time_emb_proj` (how each block sees the timestep), i.e. everything in the blocks that is not
+  attention or normalisation; what kohya calls LoCon. The stem and head convolutions (`conv_in`,
+  `conv_out`) and the up/down samplers stay frozen: they set the latent layout, not the style.
+
+The optional text-encoder LoRA adapts both CLIP encoders' `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tuner.errors import ConfigError
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+EMA_ADAPTER_FILE = "pytorch_lora_weights_ema.safetensors"
+
+UNET_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "ffn": ("ff.net.0.proj", "ff.net.2"),
+    "conv": ("conv1", "conv2", "conv_shortcut", "time_emb_proj"),
+}
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# Initialisations that leave the base weights untouched. PiSSA/OLoRA/LoftQ rewrite the base weights,
+# which an adapter file for diffusers cannot carry.
+_INIT_CHOICES = {"default": True, "gaussian": "gaussian"}
+
+
+def unet_target_modules(targets: list[str]) -> list[str]:
+    """Module names for `targets` (`attention`, `attention+ffn`, ...); an empty list means `attention`."""
+    groups = [part.strip() for target in targets or ["attention"] for part in target.split("+")]
+    unknown = [group for group in groups if group not in UNET_TARGET_GROUPS]
+    if unknown:
+        raise ConfigError(
+            f"unknown SDXL LoRA target {unknown[0]!r} in lora.targets",
+            hint="use attention, attention+ffn or attention+ffn+conv",
+        )
+    return [name for group in UNET_TARGET_GROUPS if group in groups for name in UNET_TARGET_GROUPS[group]]
+
+
+def lora_config(
+    target_modules: list[str] | tuple[str, ...],
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    init: str = "default",
+    use_rslora: bool = False,
+) -> LoraConfig:
+    if init not in _INIT_CHOICES:
+        raise ConfigError(
+            f"lora.init {init!r} is not available for SDXL",
+            hint="use default or gaussian (initialisations that rewrite the base weights cannot be saved "
+            "as a diffusers LoRA)",
+        )
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights=_INIT_CHOICES[init],
+        target_modules=list(target_modules),
+        use_rslora=use_rslora,
+    )
+
+
+def add_lora(model: torch.nn.Module, config: LoraConfig) -> list[torch.nn.Parameter]:
+    """Inject `config`'s adapter into a diffusers UNet or transformers text encoder; returns its parameters.
+
+    The adapter parameters are kept in fp32 even when the frozen weights are half precision, so
+    optimizer updates are not rounded away (as `diffusers.training_utils.cast_training_params` does).
+    """
+    model.add_adapter(config)
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in parameters:
+        parameter.data = parameter.data.float()
+    return parameters
+
+
+def has_lora(model: torch.nn.Module | None) -> bool:
+    return model is not None and bool(getattr(model, "peft_config", None))
+
+
+def save_sdxl_lora(
+    output_dir: Path,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
+    *,
+    weight_name: str = ADAPTER_FILE,
+    training_metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write the adapters as diffusers' `save_lora_weights` does, with tuner's run facts in the header.
+
+    The LoRA configs go in as `*_lora_adapter_metadata`, so `load_lora_weights` rebuilds the same rank
+    and alpha (without them diffusers assumes alpha == rank and an adapter trained with another alpha
+    loads at the wrong strength). `training_metadata` is added to the safetensors header as
+    `tuner.<key>` entries.
+    """
+    layers: dict[str, object] = {}
+    for name, model in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if has_lora(model):
+            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            layers[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+    StableDiffusionXLPipeline.save_lora_weights(output_dir, weight_name=weight_name, **layers)
+    path = Path(output_dir) / weight_name
+    if training_metadata:
+        _add_header_metadata(path, {f"tuner.{key}": str(value) for key, value in training_metadata.items()})
+    return path
+
+
+def _add_header_metadata(path: Path, extra: dict[str, str]) -> None:
+    # safetensors has no in-place header edit; adapter files are small enough to rewrite.
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    metadata.update(extra)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_adapter_metadata(path: Path) -> dict[str, object]:
+    """The header of a saved adapter: `tuner.*` entries as strings, diffusers' LoRA configs decoded."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata: dict[str, object] = dict(handle.metadata() or {})
+    if "lora_adapter_metadata" in metadata:
+        metadata["lora_adapter_metadata"] = json.loads(str(metadata["lora_adapter_metadata"]))
+    return metadata

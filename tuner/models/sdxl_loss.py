@@ -1,0 +1,228 @@
+"""The SDXL training objective: DDPM forward noising, the epsilon or v-prediction target, min-SNR weighting.
+
+Noise options follow the community recipes: `noise_offset` (Guttenberg's offset noise, as in the
+diffusers examples) and `pyramid_noise_discount` (multi-resolution "pyramid" noise, as in kohya's
+`--multires_noise_discount`). Random draws take an optional `generator` so validation can reuse noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from tuner.errors import ConfigError, ModelError
+from tuner.models.sdxl import SDXLComponents, encode_latents, encode_prompt
+from tuner.models.sdxl_lora import has_lora
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Pyramid noise stops after this many octaves, or earlier at a 1x1 level.
+_PYRAMID_LEVELS = 10
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    prediction_type: str
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    pyramid_noise_discount: float = 0.0
+    timestep_min: int = 0
+    timestep_max: int = 1000
+
+
+def noise_settings(
+    noise_scheduler: DDPMScheduler,
+    *,
+    prediction_type: str = "auto",
+    snr_gamma: float | None = None,
+    noise_offset: float = 0.0,
+    pyramid_noise_discount: float = 0.0,
+    timestep_min: int = 0,
+    timestep_max: int = 1000,
+) -> NoiseSettings:
+    """Check the options against the model's scheduler; `auto` takes the scheduler's prediction type."""
+    if prediction_type == "auto":
+        prediction_type = noise_scheduler.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ModelError(
+                f"the model's scheduler predicts {prediction_type!r}, which SDXL LoRA training cannot train",
+                hint="set train.prediction_type to epsilon or v_prediction",
+            )
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    if not 0 <= timestep_min < timestep_max <= num_train_timesteps:
+        raise ConfigError(
+            f"timestep range [{timestep_min}, {timestep_max}) is empty or outside the model's "
+            f"{num_train_timesteps} training timesteps",
+            hint=f"use 0 <= train.timestep_min < train.timestep_max <= {num_train_timesteps}",
+        )
+    return NoiseSettings(
+        prediction_type=prediction_type,
+        snr_gamma=snr_gamma,
+        noise_offset=noise_offset,
+        pyramid_noise_discount=pyramid_noise_discount,
+        timestep_min=timestep_min,
+        timestep_max=timestep_max,
+    )
+
+
+def sample_noise(
+    latents: torch.Tensor, settings: NoiseSettings, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Gaussian noise shaped like `latents`, with the configured offset and pyramid noise added."""
+    noise = _randn(latents.shape, latents, generator)
+    if settings.pyramid_noise_discount > 0:
+        noise = _pyramid_noise(noise, settings.pyramid_noise_discount, generator)
+    if settings.noise_offset > 0:
+        batch, channels = latents.shape[:2]
+        noise = noise + settings.noise_offset * _randn((batch, channels, 1, 1), latents, generator)
+    return noise
+
+
+def _pyramid_noise(noise: torch.Tensor, discount: float, generator: torch.Generator | None) -> torch.Tensor:
+    batch, channels, height, width = noise.shape
+    for level in range(1, _PYRAMID_LEVELS):
+        # A random scale in [2, 4) per octave, as kohya does, so levels do not align on a fixed grid.
+        scale = (2 + 2 * _rand(generator)) ** level
+        small_height, small_width = max(1, int(height / scale)), max(1, int(width / scale))
+        coarse = _randn((batch, channels, small_height, small_width), noise, generator)
+        noise = noise + discount**level * F.interpolate(coarse, size=(height, width), mode="bilinear")
+        if small_height == 1 or small_width == 1:
+            break
+    # Back to unit variance, which the noise schedule assumes.
+    return noise / noise.std()
+
+
+def _rand(generator: torch.Generator | None) -> float:
+    device = generator.device if generator is not None else None
+    return torch.rand((), generator=generator, device=device).item()
+
+
+def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def sample_timesteps(
+    batch_size: int,
+    settings: NoiseSettings,
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Uniform integer timesteps in [timestep_min, timestep_max)."""
+    draw_device = generator.device if generator is not None else device
+    timesteps = torch.randint(
+        settings.timestep_min, settings.timestep_max, (batch_size,), generator=generator, device=draw_device
+    )
+    return timesteps.to(device)
+
+
+def snr(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep, in fp32."""
+    alpha_bar = noise_scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return alpha_bar / (1 - alpha_bar)
+
+
+def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for an epsilon or v-prediction target.
+
+    min(snr, gamma) / snr for epsilon, written as min(1, gamma / snr) so a zero-terminal-SNR
+    schedule's snr == 0 gives weight 1 instead of 0 / 0; min(snr, gamma) / (snr + 1) for v-prediction.
+    """
+    if prediction_type == "epsilon":
+        return torch.clamp(gamma / snr_values, max=1.0)
+    return torch.clamp(snr_values, max=gamma) / (snr_values + 1)
+
+
+def diffusion_loss(
+    unet: UNet2DConditionModel,
+    noise_scheduler: DDPMScheduler,
+    settings: NoiseSettings,
+    *,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    time_ids: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """Mean (optionally min-SNR weighted) MSE between the UNet's prediction and the target, in fp32."""
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if settings.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    dtype = unet.dtype
+    prediction = unet(
+        noisy_latents.to(dtype),
+        timesteps,
+        encoder_hidden_states=prompt_embeds.to(dtype),
+        added_cond_kwargs={"text_embeds": pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
+        return_dict=False,
+    )[0]
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
+        dim=tuple(range(1, prediction.ndim))
+    )
+    if settings.snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(
+            snr(noise_scheduler, timesteps), settings.snr_gamma, settings.prediction_type
+        )
+    return per_sample.mean()
+
+
+class SDXLLoraModel(torch.nn.Module):
+    """What the training loop trains: `model(batch)` is the loss of one batch.
+
+    A batch holds `latents` (cached) or `pixel_values` (encoded here by the frozen VAE), and
+    `prompt_embeds` + `pooled_prompt_embeds` (cached) or `caption` (encoded here, with gradients when
+    the text encoders carry LoRA), plus `time_ids`. A `noise_seed` entry (validation batches) fixes the
+    noise and timesteps so every evaluation of that batch is comparable. Only the modules a batch needs
+    are registered, so a cached run leaves the VAE and text encoders off the accelerator.
+    """
+
+    def __init__(
+        self,
+        components: SDXLComponents,
+        settings: NoiseSettings,
+        *,
+        encodes_images: bool,
+        encodes_captions: bool,
+    ) -> None:
+        super().__init__()
+        self.unet = components.unet
+        self.vae = components.vae if encodes_images else None
+        self.text_encoder = components.text_encoder if encodes_captions else None
+        self.text_encoder_2 = components.text_encoder_2 if encodes_captions else None
+        self.components = components
+        self.settings = settings
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        device = self.unet.device
+        latents = batch.get("latents")
+        if latents is None:
+            with torch.no_grad():
+                latents = encode_latents(self.components, batch["pixel_values"])
+        latents = latents.to(device=device, dtype=torch.float32)
+        if "prompt_embeds" in batch:
+            prompt_embeds, pooled_prompt_embeds = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+        else:
+            trains_text = has_lora(self.text_encoder) or has_lora(self.text_encoder_2)
+            with torch.set_grad_enabled(trains_text and torch.is_grad_enabled()):
+                prompt_embeds, pooled_prompt_embeds = encode_prompt(self.components, batch["caption"], device)
+        generator = None
+        if "noise_seed" in batch:
+            generator = torch.Generator(device).manual_seed(int(batch["noise_seed"]))
+        noise = sample_noise(latents, self.settings, generator)
+        timesteps = sample_timesteps(latents.shape[0], self.settings, device, generator)
+        return diffusion_loss(
+            self.unet,
+            self.components.noise_scheduler,
+            self.settings,
+            latents=latents,
+            prompt_embeds=prompt_embeds.to(device),
+            pooled_prompt_embeds=pooled_prompt_embeds.to(device),
+            time_ids=batch["time_ids"].to(device),
+            noise=noise,
+            timesteps=timesteps,
+        )

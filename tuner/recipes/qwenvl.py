@@ -1,0 +1,335 @@
+"""Qwen-VL LoRA: conversations in, a PEFT adapter (plus the processor and chat template) out.
+
+The pipeline, top to bottom: resolve the model -> device and Accelerator -> write the resolved config
+-> read the conversations -> load model and processor, bound image pixels -> LoRA on the chosen targets
+-> encode samples lazily, drop over-long ones -> length-grouped batches -> optimizer and schedule -> the
+shared training loop -> save the adapter -> greedy answers to a few training prompts.
+
+Loss: the model's own causal-LM loss on the labels, i.e. the mean over the supervised (assistant)
+tokens of one micro-batch. With gradient accumulation, Accelerate averages these per-micro-batch means,
+so a token in a short answer weighs more than one in a long answer. We keep that (it is what the
+transformers Trainer does without `num_items_in_batch`, and length grouping keeps micro-batches alike);
+a per-token mean over the whole accumulation window would need the token count of future batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from tuner.config.load import write_resolved_config
+from tuner.config.schema import RunConfig
+from tuner.data.conversations import Conversation, load_conversations
+from tuner.data.images import load_image_rgb
+from tuner.data.problems import Problem
+from tuner.data.sampling import GroupedBatchSampler
+from tuner.data.vl_encoding import (
+    EncodedSample,
+    collate_vl,
+    encode_conversation,
+    set_pixel_bounds,
+    token_length,
+)
+from tuner.errors import ConfigError, DataError
+from tuner.models.qwenvl import (
+    add_lora,
+    enable_gradient_checkpointing,
+    load_qwenvl,
+    lora_target_modules,
+    save_adapter,
+)
+from tuner.runtime.device import build_accelerator, resolve_runtime
+from tuner.runtime.hub import resolve_model_source
+from tuner.tiny import build_tiny, resolve_tiny_alias
+from tuner.tiny.datasets import resolve_tiny_dataset
+from tuner.training.loop import TrainingJob, run_training, settings_from_config
+from tuner.training.optim import build_lr_scheduler, build_optimizer
+
+TASK = "qwenvl-lora"
+DEFAULT_TARGETS = ("llm",)
+SAMPLE_PROMPTS = 3
+SAMPLE_MAX_NEW_TOKENS = 24
+# Samples per length group: neighbours in token length share batches, so padding stays small while
+# the order of batches is still shuffled.
+LENGTH_GROUP_BATCHES = 8
+PROBLEMS_SHOWN = 20
+
+
+def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
+    """Train a LoRA adapter on a Qwen-VL model as `config` says; returns the output folder."""
+    if not config.output.dir or not config.data.path:
+        raise ConfigError(
+            "qwenvl-lora needs output.dir and data.path", hint="pass --output DIR and --data PATH"
+        )
+    output_dir = Path(config.output.dir)
+    set_seed(config.train.seed)
+    model_path, base_model = resolve_base_model(config)
+
+    runtime = resolve_runtime(config.runtime.device, config.runtime.mixed_precision, config.runtime.devices)
+    accelerator = build_accelerator(runtime, config.train.grad_accum, output_dir)
+    if accelerator.is_main_process:
+        write_resolved_config(config, output_dir)
+
+    conversations = load_training_conversations(config)
+    model, processor, family = load_qwenvl(
+        model_path,
+        dtype=runtime.compute_dtype,
+        attention=config.model.attention,
+        trust_remote_code=config.model.trust_remote_code,
+        allow_pickle=config.model.allow_pickle,
+        revision=config.model.revision,
+    )
+    set_pixel_bounds(processor, min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
+
+    lora = config.lora
+    targets = lora_target_modules(model, family, lora.targets or DEFAULT_TARGETS)
+    peft_model = add_lora(model, targets, lora.rank, lora.alpha, lora.dropout, lora.init, lora.use_rslora)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
+
+    train_conversations, validation_conversations = split_validation(
+        conversations, config.data.validation_fraction, config.train.seed
+    )
+    lengths = [token_length(processor, conversation) for conversation in train_conversations]
+    train_conversations, lengths = drop_overlong(
+        train_conversations, lengths, config.data.max_length, config.data.overlength
+    )
+    dataset = EncodedConversations(
+        processor, train_conversations, config.data.max_length, config.data.overlength
+    )
+    groups = (
+        length_groups(lengths, config.train.batch_size) if config.data.group_by_length else [0] * len(lengths)
+    )
+    batch_sampler = GroupedBatchSampler(
+        groups, batch_size=config.train.batch_size, seed=config.train.seed, shuffle=True, drop_last=False
+    )
+    collate = functools.partial(
+        collate_vl, pad_token_id=processor.tokenizer.pad_token_id, padding_side="right"
+    )
+    validation_batches = validation_batches_of(
+        processor, validation_conversations, config.data.max_length, config.train.batch_size, collate
+    )
+
+    settings = settings_from_config(config, batches_per_epoch=len(batch_sampler))
+    trainable = [param for param in peft_model.parameters() if param.requires_grad]
+    optim = config.optim
+    optimizer = build_optimizer(
+        optim.name, trainable, optim.lr, optim.weight_decay, optim.betas, optim.eps, runtime.device_type
+    )
+    lr_scheduler = build_lr_scheduler(optimizer, optim.scheduler, optim.warmup_steps, settings.max_steps)
+
+    job = TrainingJob(
+        model=peft_model,
+        loss_fn=causal_lm_loss,
+        dataset=dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        sample_fn=functools.partial(
+            write_sample_answers, peft_model, processor, train_conversations[:SAMPLE_PROMPTS], accelerator
+        ),
+        validation_batches=validation_batches,
+        num_workers=config.data.num_workers,
+        batch_size_of=lambda batch: batch["input_ids"].shape[0],
+    )
+    run_training(job, settings, accelerator, output_dir, resume)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_adapter(peft_model, output_dir, processor, {"base_model": base_model, "family": family})
+    return output_dir
+
+
+def resolve_base_model(config: RunConfig) -> tuple[str, str]:
+    """(where to load the model from, the name recorded with the adapter)."""
+    requested = config.model.name_or_path
+    tiny = resolve_tiny_alias(requested, TASK)
+    if tiny is not None:
+        return str(build_tiny(tiny)), f"tiny-{tiny}"
+    hub = config.hub
+    source = resolve_model_source(requested, hub.source, hub.offline, config.model.revision)
+    return source, requested
+
+
+def load_training_conversations(config: RunConfig) -> list[Conversation]:
+    """Every usable conversation; bad records stop the run unless `data.skip_bad` allows a few."""
+    data = config.data
+    path = resolve_tiny_dataset(data.path, TASK)
+    scan = load_conversations(path, data.image_root, check_images=True)
+    if not scan.conversations:
+        raise DataError(
+            f"no usable conversations in {path}:\n{describe_problems(scan.problems)}",
+            hint=f"run `tuner data check qwenvl {path}` and fix the records listed",
+        )
+    if scan.problems:
+        bad_fraction = len(scan.problems) / (len(scan.problems) + len(scan.conversations))
+        if not data.skip_bad or bad_fraction > data.max_bad_fraction:
+            raise DataError(
+                f"{len(scan.problems)} problem(s) in {path}:\n{describe_problems(scan.problems)}",
+                hint=f"fix them (`tuner data check qwenvl {path}` lists all), or set data.skip_bad to train "
+                f"without them (allowed while at most {data.max_bad_fraction:.0%} of records are bad)",
+            )
+        print(f"warning: skipping {len(scan.problems)} bad record(s) in {path}:")
+        print(describe_problems(scan.problems))
+    return scan.conversations
+
+
+def describe_problems(problems: Sequence[Problem]) -> str:
+    """The first problems, one per line, then the count of each kind."""
+    lines = [f"  {problem}" for problem in problems[:PROBLEMS_SHOWN]]
+    if len(problems) > PROBLEMS_SHOWN:
+        lines.append(f"  ... and {len(problems) - PROBLEMS_SHOWN} more")
+    counts: dict[str, int] = {}
+    for problem in problems:
+        counts[problem.kind] = counts.get(problem.kind, 0) + 1
+    lines.append("  counts: " + ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def split_validation(
+    conversations: list[Conversation], fraction: float, seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
+    """A seeded random `fraction` of the conversations held out for validation (at least one if asked)."""
+    if fraction <= 0:
+        return conversations, []
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[: max(1, round(fraction * len(conversations)))])
+    if len(held_out) >= len(conversations):
+        raise ConfigError(
+            f"data.validation_fraction {fraction} leaves no training samples out of {len(conversations)}",
+            hint="lower data.validation_fraction or add samples",
+        )
+    train = [c for index, c in enumerate(conversations) if index not in held_out]
+    return train, [c for index, c in enumerate(conversations) if index in held_out]
+
+
+def drop_overlong(
+    conversations: list[Conversation], lengths: list[int], max_length: int, overlength: str
+) -> tuple[list[Conversation], list[int]]:
+    """Drop conversations longer than `max_length` tokens (with `overlength: drop`), saying how many."""
+    if overlength != "drop":
+        return conversations, [min(length, max_length) for length in lengths]
+    kept = [(c, length) for c, length in zip(conversations, lengths, strict=True) if length <= max_length]
+    dropped = len(conversations) - len(kept)
+    if not kept:
+        raise DataError(
+            f"all {len(conversations)} conversations are longer than data.max_length={max_length} tokens "
+            f"(shortest: {min(lengths)})",
+            hint="raise data.max_length, lower data.max_pixels, or set data.overlength to truncate",
+        )
+    if dropped:
+        print(
+            f"dropped {dropped} of {len(conversations)} conversations longer than {max_length} tokens "
+            "(raise data.max_length or lower data.max_pixels to keep them)"
+        )
+    return [c for c, _ in kept], [length for _, length in kept]
+
+
+def length_groups(lengths: Sequence[int], batch_size: int) -> list[int]:
+    """A group id per sample: samples ranked by token length, in runs of LENGTH_GROUP_BATCHES batches."""
+    group_size = batch_size * LENGTH_GROUP_BATCHES
+    ranked = sorted(range(len(lengths)), key=lambda index: lengths[index])
+    groups = [0] * len(lengths)
+    for rank, index in enumerate(ranked):
+        groups[index] = rank // group_size
+    return groups
+
+
+class EncodedConversations(torch.utils.data.Dataset):
+    """Conversations encoded (images resized, tokens and labels built) when a batch asks for them."""
+
+    def __init__(
+        self, processor, conversations: Sequence[Conversation], max_length: int, overlength: str
+    ) -> None:
+        self.processor = processor
+        self.conversations = list(conversations)
+        self.max_length = max_length
+        self.overlength = overlength
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> EncodedSample:
+        conversation = self.conversations[index]
+        sample = encode_conversation(self.processor, conversation, self.max_length, self.overlength)
+        if sample is None:
+            # Lengths were measured before training; only a file changed mid-run gets here.
+            raise DataError(
+                f"{conversation.source}: longer than data.max_length={self.max_length} tokens",
+                hint="the data changed during training; restart the run",
+            )
+        return sample
+
+
+def validation_batches_of(
+    processor, conversations: Sequence[Conversation], max_length: int, batch_size: int, collate
+) -> list[dict] | None:
+    if not conversations:
+        return None
+    samples = [encode_conversation(processor, c, max_length, "truncate") for c in conversations]
+    samples = [sample for sample in samples if sample is not None]
+    return [collate(samples[start : start + batch_size]) for start in range(0, len(samples), batch_size)]
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The model's own shifted cross-entropy, averaged over the batch's supervised tokens."""
+    return model(**batch, use_cache=False).loss
+
+
+@torch.no_grad()
+def write_sample_answers(
+    peft_model: torch.nn.Module,
+    processor,
+    conversations: Sequence[Conversation],
+    accelerator,
+    step: int,
+    samples_dir: Path,
+) -> None:
+    """Greedy answers to the first user turns of a few training conversations, appended to answers.jsonl."""
+    if not accelerator.is_main_process:
+        return
+    samples_dir = Path(samples_dir)
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    device = next(peft_model.parameters()).device
+    was_training = peft_model.training
+    peft_model.eval()
+    records = []
+    for conversation in conversations:
+        answer_at = next(i for i, m in enumerate(conversation.messages) if m["role"] == "assistant")
+        prompt_messages = conversation.messages[:answer_at]
+        images_in_prompt = sum(
+            1 for m in prompt_messages for part in m["content"] if part.get("type") == "image"
+        )
+        images = [load_image_rgb(path) for path in conversation.images[:images_in_prompt]]
+        text = processor.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=[text], images=images or None, return_tensors="pt").to(device)
+        with accelerator.autocast():
+            generated = peft_model.generate(
+                **inputs, max_new_tokens=SAMPLE_MAX_NEW_TOKENS, do_sample=False, use_cache=True
+            )
+        new_tokens = generated[0, inputs["input_ids"].shape[1] :]
+        records.append(
+            {
+                "step": step,
+                "source": conversation.source,
+                "question": _text_of(prompt_messages[-1]),
+                "reference": _text_of(conversation.messages[answer_at]),
+                "answer": processor.decode(new_tokens, skip_special_tokens=True),
+            }
+        )
+    peft_model.train(was_training)
+    with open(samples_dir / "answers.jsonl", "a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _text_of(message: dict) -> str:
+    return "".join(part.get("text", "") for part in message["content"] if part.get("type") == "text")
