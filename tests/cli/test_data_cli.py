@@ -47,8 +47,8 @@ def test_dirty_sdxl_dataset_exits_1_and_lists_every_problem(capsys, tmp_path: Pa
     assert [line.split(":")[0] for line in problem_lines] == [
         str(folder / "broken.png"),  # no caption
         str(folder / "good.png"),  # same bytes as copy.png, which sorts first
-        str(folder / "small.png"),
         str(folder / "lonely.txt"),
+        str(folder / "small.png"),
     ]
     assert f"sdxl dataset {folder}: 1 samples ok, 4 problems (" in out
 
@@ -90,6 +90,10 @@ def test_clean_qwenvl_dataset_has_a_token_length_histogram(capsys, tmp_path: Pat
     tokens = report["stats"]["tokens"]
     assert 0 < tokens["min"] < tokens["max"] < report["stats"]["max_length"]
     assert report["histogram"].splitlines()[-1].split()[:2] == ["total", "2"]
+    # The pixel bounds reach the processor: a 64x48 image squeezed into 28x28 px is fewer image tokens.
+    argv = ("data", "check", "qwenvl", str(data), "--json", "--min-pixels", "784", "--max-pixels", "784")
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0 and json.loads(out)["stats"]["tokens"]["max"] < tokens["max"]
 
 
 def test_missing_path_is_a_user_error(capsys, tmp_path: Path) -> None:
@@ -105,3 +109,16 @@ def test_option_for_the_other_recipe_is_a_usage_error(capsys, tmp_path: Path) ->
     code, _, err = run_cli(capsys, "data", "check", "sdxl", str(tmp_path), "--image-root", "x")
     assert code == 2
     assert err.splitlines()[0] == "error: Invalid value: --image-root only apply to qwenvl datasets"
+
+
+def test_processor_that_cannot_load_is_a_user_error(capsys, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}'
+    )
+    code, _, err = run_cli(
+        capsys, "data", "check", "qwenvl", str(data), "--model", str(tmp_path / "no-model")
+    )
+    assert code == 2
+    assert err.startswith(f"error: cannot load the processor of {tmp_path / 'no-model'}")
+    assert "\nhint: " in err and "Traceback" not in err

@@ -14,14 +14,6 @@ from PIL import Image
 
 from tuner.errors import ConfigError, ModelError
 from tuner.models.sdxl import compute_time_ids, encode_latents, encode_prompt, load_sdxl
-from tuner.models.sdxl_loss import (
-    SDXLLoraModel,
-    diffusion_loss,
-    min_snr_weights,
-    noise_settings,
-    sample_noise,
-    sample_timesteps,
-)
 from tuner.models.sdxl_lora import (
     TEXT_ENCODER_TARGETS,
     add_lora,
@@ -29,6 +21,14 @@ from tuner.models.sdxl_lora import (
     read_adapter_metadata,
     save_sdxl_lora,
     unet_target_modules,
+)
+from tuner.models.sdxl_loss import (
+    SDXLLoraModel,
+    diffusion_loss,
+    min_snr_weights,
+    noise_settings,
+    sample_noise,
+    sample_timesteps,
 )
 from tuner.models.sdxl_sampling import sample_images
 
@@ -175,9 +175,13 @@ def test_timestep_range_is_checked_and_respected(components) -> None:
 
 def test_noise_offset_shifts_channels_and_pyramid_noise_is_smooth_with_unit_variance(components) -> None:
     latents = torch.zeros(64, 4, 32, 32)
-    plain = sample_noise(latents, noise_settings(components.noise_scheduler), torch.Generator().manual_seed(0))
+    plain = sample_noise(
+        latents, noise_settings(components.noise_scheduler), torch.Generator().manual_seed(0)
+    )
     offset = sample_noise(
-        latents, noise_settings(components.noise_scheduler, noise_offset=0.5), torch.Generator().manual_seed(0)
+        latents,
+        noise_settings(components.noise_scheduler, noise_offset=0.5),
+        torch.Generator().manual_seed(0),
     )
     pyramid = sample_noise(
         latents,
@@ -218,8 +222,6 @@ def _fixed_batch(components) -> dict:
         "prompt_embeds": prompt_embeds,
         "pooled_prompt_embeds": pooled,
         "time_ids": torch.stack([compute_time_ids((64, 64), (0, 0), (64, 64))] * 2),
-        # Fixed noise and timesteps: overfitting one (input, target) pair is the test.
-        "noise_seed": 0,
     }
 
 
@@ -237,6 +239,7 @@ def test_overfitting_one_batch_drives_the_loss_down_and_changes_only_lora_weight
     optimizer = torch.optim.AdamW(parameters, lr=2e-2)
     losses = []
     for _ in range(30):
+        torch.manual_seed(0)  # the same noise and timesteps every step: one (input, target) pair
         loss = model(batch)
         loss.backward()
         optimizer.step()
@@ -245,7 +248,9 @@ def test_overfitting_one_batch_drives_the_loss_down_and_changes_only_lora_weight
     assert losses[-1] < losses[0] / 3
     after = components.unet.state_dict()
     lora_names = [name for name in after if "lora_" in name]
-    assert lora_names and all(not torch.equal(after[name], torch.zeros_like(after[name])) for name in lora_names)
+    assert lora_names and all(
+        not torch.equal(after[name], torch.zeros_like(after[name])) for name in lora_names
+    )
     for name, tensor in before.items():
         # PEFT moves a wrapped layer's weight to `<layer>.base_layer.weight`.
         wrapped = name.rsplit(".", 1)[0] + ".base_layer." + name.rsplit(".", 1)[1]
@@ -271,7 +276,9 @@ def _generate(pipe: StableDiffusionXLPipeline) -> np.ndarray:
     ).images
 
 
-def test_saved_adapter_loads_in_plain_diffusers_at_the_trained_strength(sdxl_path: Path, tmp_path: Path) -> None:
+def test_saved_adapter_loads_in_plain_diffusers_at_the_trained_strength(
+    sdxl_path: Path, tmp_path: Path
+) -> None:
     components = load_sdxl(str(sdxl_path))
     # alpha != rank: diffusers must read the scale from the saved LoRA config, not assume alpha == rank.
     add_lora(components.unet, lora_config(unet_target_modules(["attention+ffn+conv"]), rank=4, alpha=2))
@@ -318,9 +325,63 @@ def test_saved_adapter_loads_in_plain_diffusers_at_the_trained_strength(sdxl_pat
 
 def test_sample_images_writes_a_prompt_by_seed_grid(components, tmp_path: Path) -> None:
     out = sample_images(
-        components, ["a cat", "a dog"], [0, 1, 2], 2, (64, 48), tmp_path / "samples" / "step-000010.png", device="cpu"
+        components,
+        ["a cat", "a dog"],
+        [0, 1, 2],
+        2,
+        (64, 48),
+        tmp_path / "samples" / "step-000010.png",
+        device="cpu",
     )
     grid = Image.open(out)
     assert grid.size == (3 * 64, 2 * 48)
     array = np.asarray(grid)
     assert not np.array_equal(array[:48, :64], array[:48, 64:128])
+
+
+def test_cached_and_uncached_batches_give_the_same_loss(components, tmp_path: Path) -> None:
+    from tuner.data.buckets import plan_crop
+    from tuner.data.captions import scan_caption_dataset
+    from tuner.models.sdxl_cache import build_sdxl_dataset, collate_sdxl, model_fingerprint
+
+    for index, (width, height) in enumerate([(80, 64), (64, 64)]):
+        gradient = np.linspace(0, 255, width * height * 3).reshape(height, width, 3).astype(np.uint8)
+        Image.fromarray(np.roll(gradient, index * 7, axis=1)).save(tmp_path / f"{index}.png")
+        (tmp_path / f"{index}.txt").write_text(f"picture number {index}", encoding="utf-8")
+    samples = scan_caption_dataset(tmp_path).samples
+    plans = [plan_crop(80, 64, (64, 64)), plan_crop(64, 64, (64, 64))]
+    options = {
+        "caption_options": {"prefix": "tok"},
+        "background": (255, 255, 255),
+        "max_image_pixels": 10**6,
+        "random_flip": False,
+        "seed": 0,
+        "device": "cpu",
+        "accelerator": None,
+    }
+    fingerprint = model_fingerprint("tiny", components)
+    batches = [
+        collate_sdxl(
+            list(
+                build_sdxl_dataset(
+                    samples,
+                    plans,
+                    components,
+                    cache=cache,
+                    cache_dir=tmp_path / "cache",
+                    model_fingerprint=fingerprint,
+                    **options,
+                )
+            )
+        )
+        for cache in (True, False)
+    ]
+    assert "latents" in batches[0] and "pixel_values" in batches[1]
+    settings = noise_settings(components.noise_scheduler)
+    losses = []
+    for batch, cached in zip(batches, (True, False), strict=True):
+        model = SDXLLoraModel(components, settings, encodes_images=not cached, encodes_captions=not cached)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            losses.append(model(batch))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)

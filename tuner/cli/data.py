@@ -8,6 +8,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from tuner.errors import ModelError
+
 T = TypeVar("T")
 
 data_app = typer.Typer(help="Check datasets before training on them.", no_args_is_help=True)
@@ -132,7 +134,14 @@ def _load_processor(model: str, min_pixels: int, max_pixels: int) -> Any:
     from tuner.tiny import build_tiny, resolve_tiny_alias
 
     tiny = resolve_tiny_alias(model, "qwenvl-lora")
-    # The pixel bounds decide how many tokens an image becomes: the processor must use training's.
-    return AutoProcessor.from_pretrained(
-        str(build_tiny(tiny)) if tiny else model, min_pixels=min_pixels, max_pixels=max_pixels
-    )
+    try:
+        # The pixel bounds decide how many tokens an image becomes: the processor must use training's.
+        return AutoProcessor.from_pretrained(
+            str(build_tiny(tiny)) if tiny else model,
+            size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"cannot load the processor of {model} to count tokens: {str(error).splitlines()[0]}",
+            hint="pass a local model folder or a reachable hub ID with --model (`tiny` works offline)",
+        ) from None

@@ -148,7 +148,10 @@ def launch_command(
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs the app and renders user errors as one or two lines."""
     try:
-        app(args=argv, standalone_mode=False)
+        # With standalone_mode=False, typer returns the code of a `typer.Exit` instead of exiting.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except TunerError as error:
         _fail(error.message, error.hint, error.exit_code)
     except click_exceptions.NoArgsIsHelpError as error:

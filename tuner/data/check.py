@@ -126,7 +126,7 @@ def check_sdxl_dataset(
     }
     assignments = [nearest_bucket(width, height, buckets) for width, height in sizes]
     histogram = bucket_histogram(assignments, batch_size) if assignments else ""
-    return DataReport("sdxl", str(path), len(scan.samples), list(scan.problems), stats, histogram)
+    return DataReport("sdxl", str(path), len(scan.samples), _in_file_order(scan.problems), stats, histogram)
 
 
 def check_qwenvl_dataset(
@@ -200,7 +200,7 @@ def check_qwenvl_dataset(
         stats["max_length"] = max_length
         stats["over_max_length"] = sum(length > max_length for length in lengths)
         histogram = token_length_histogram(lengths, max_length)
-    return DataReport("qwenvl", str(path), len(usable), problems, stats, histogram)
+    return DataReport("qwenvl", str(path), len(usable), _in_file_order(problems), stats, histogram)
 
 
 def token_length_histogram(lengths: Sequence[int], max_length: int) -> str:
@@ -261,6 +261,11 @@ def _upright_size(image: Path | bytes) -> tuple[int, int]:
         if opened.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
             return height, width
     return width, height
+
+
+def _in_file_order(problems: Iterable[Problem]) -> list[Problem]:
+    """Problems by file and record: a file's problems read top to bottom, whichever check found them."""
+    return sorted(problems, key=lambda problem: (problem.file, problem.record or 0))
 
 
 def _split_source(source: str) -> tuple[str, int | None]:

@@ -113,6 +113,10 @@ def _decode(
             image.load()
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image, background)
+    except Image.DecompressionBombError:
+        # Pillow's own guard fired inside Image.open; report it in our words with the header's size.
+        _refuse_too_large(_header_size(open_file), name, max_pixels)
+        raise
     except UnidentifiedImageError:
         raise UnusableImage(
             Problem(
@@ -131,6 +135,17 @@ def _decode(
                 "the file is probably truncated or corrupt: re-export or re-download it",
             )
         ) from None
+
+
+def _header_size(open_file: Callable[[], IO[bytes]]) -> tuple[int, int]:
+    """The size a header claims, read with Pillow's bomb guard off: Image.open decodes no pixels."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with open_file() as file, Image.open(file) as image:
+            return image.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _let_pillow_open(max_pixels: int) -> None:

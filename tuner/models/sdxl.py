@@ -103,12 +103,14 @@ def _from_pretrained(model_class, name_or_path, subfolder, *, revision, variant,
         )
     except (OSError, ValueError) as error:
         where = f"{name_or_path}/{subfolder}" if subfolder else name_or_path
+        hint = (
+            "check model.name_or_path (a diffusers SDXL folder, hub ID or .safetensors file), "
+            "model.revision and model.variant"
+        )
         if not allow_pickle and "safetensors" in str(error):
-            raise _pickle_only_error(where) from error
+            hint += "; if the model has only pickle (.bin) weights and you trust it, pass --allow-pickle"
         raise ModelError(
-            f"cannot load the SDXL {subfolder or 'model'} from {where}: {error}",
-            hint="check model.name_or_path (a diffusers SDXL folder, hub ID or .safetensors file), "
-            "model.revision and model.variant",
+            f"cannot load the SDXL {subfolder or 'model'} from {where}: {error}", hint=hint
         ) from error
 
 

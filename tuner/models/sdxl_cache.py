@@ -177,17 +177,21 @@ def build_sdxl_dataset(
         }
         for item in items
     ]
-    text_keys = None if text_per_step else [_text_key(_cache_caption(item.sample, prefix), store) for item in items]
+    text_keys = (
+        None if text_per_step else [_text_key(_cache_caption(item.sample, prefix), store) for item in items]
+    )
 
     is_main = accelerator is None or accelerator.is_main_process
     # The main process caches first; the others then find every entry and only read.
     in_order = accelerator.main_process_first() if accelerator is not None else nullcontext()
     with in_order, store.locked():
         store.reload()
-        latent_jobs = {
-            keys[flip]: (item, flip) for item, keys in zip(items, latent_keys) for flip in flips
-        }
-        text_jobs = {} if text_keys is None else dict(zip(text_keys, (_cache_caption(i.sample, prefix) for i in items)))
+        latent_jobs = {keys[flip]: (item, flip) for item, keys in zip(items, latent_keys) for flip in flips}
+        text_jobs = (
+            {}
+            if text_keys is None
+            else dict(zip(text_keys, (_cache_caption(i.sample, prefix) for i in items)))
+        )
         missing_latents = {key: job for key, job in latent_jobs.items() if key not in store}
         missing_texts = {key: caption for key, caption in text_jobs.items() if key not in store}
         if missing_latents or missing_texts:

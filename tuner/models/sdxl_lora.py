@@ -107,6 +107,11 @@ def save_sdxl_lora(
 ) -> Path:
     """Write the adapters as diffusers' `save_lora_weights` does, with tuner's run facts in the header.
 
+    UNet keys keep PEFT's `lora_A`/`lora_B` names. `convert_state_dict_to_diffusers` (diffusers 0.42)
+    renames only attention layers to the older `.lora.down`/`.lora.up`, so with `ffn` or `conv` targets
+    the file mixes both namings, `load_lora_weights` takes it for PEFT format and silently drops every
+    attention adapter. Text-encoder keys are all renamed consistently, so they use diffusers' naming.
+
     The LoRA configs go in as `*_lora_adapter_metadata`, so `load_lora_weights` rebuilds the same rank
     and alpha (without them diffusers assumes alpha == rank and an adapter trained with another alpha
     loads at the wrong strength). `training_metadata` is added to the safetensors header as
@@ -114,9 +119,14 @@ def save_sdxl_lora(
     """
     layers: dict[str, object] = {}
     for name, model in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
-        if has_lora(model):
-            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-            layers[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+        if not has_lora(model):
+            continue
+        # No embedding layers are adapted; "auto" would look the base config up (a hub call for hub IDs).
+        state_dict = get_peft_model_state_dict(model, save_embedding_layers=False)
+        if name != "unet":
+            state_dict = convert_state_dict_to_diffusers(state_dict)
+        layers[f"{name}_lora_layers"] = state_dict
+        layers[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
     StableDiffusionXLPipeline.save_lora_weights(output_dir, weight_name=weight_name, **layers)
     path = Path(output_dir) / weight_name
     if training_metadata:

@@ -176,9 +176,9 @@ class SDXLLoraModel(torch.nn.Module):
 
     A batch holds `latents` (cached) or `pixel_values` (encoded here by the frozen VAE), and
     `prompt_embeds` + `pooled_prompt_embeds` (cached) or `caption` (encoded here, with gradients when
-    the text encoders carry LoRA), plus `time_ids`. A `noise_seed` entry (validation batches) fixes the
-    noise and timesteps so every evaluation of that batch is comparable. Only the modules a batch needs
-    are registered, so a cached run leaves the VAE and text encoders off the accelerator.
+    the text encoders carry LoRA), plus `time_ids`. Noise and timesteps come from the global torch RNG
+    (seeded by the loop). Only the modules a batch needs are registered, so a cached run leaves the VAE
+    and text encoders off the accelerator.
     """
 
     def __init__(
@@ -210,11 +210,8 @@ class SDXLLoraModel(torch.nn.Module):
             trains_text = has_lora(self.text_encoder) or has_lora(self.text_encoder_2)
             with torch.set_grad_enabled(trains_text and torch.is_grad_enabled()):
                 prompt_embeds, pooled_prompt_embeds = encode_prompt(self.components, batch["caption"], device)
-        generator = None
-        if "noise_seed" in batch:
-            generator = torch.Generator(device).manual_seed(int(batch["noise_seed"]))
-        noise = sample_noise(latents, self.settings, generator)
-        timesteps = sample_timesteps(latents.shape[0], self.settings, device, generator)
+        noise = sample_noise(latents, self.settings)
+        timesteps = sample_timesteps(latents.shape[0], self.settings, device)
         return diffusion_loss(
             self.unet,
             self.components.noise_scheduler,

@@ -116,7 +116,7 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
         processor, validation_conversations, config.data.max_length, config.train.batch_size, collate
     )
 
-    settings = settings_from_config(config, batches_per_epoch=len(batch_sampler))
+    settings = settings_from_config(config, len(batch_sampler), accelerator.num_processes)
     trainable = [param for param in peft_model.parameters() if param.requires_grad]
     optim = config.optim
     optimizer = build_optimizer(
@@ -284,7 +284,6 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(**batch, use_cache=False).loss
 
 
-@torch.no_grad()
 def write_sample_answers(
     peft_model: torch.nn.Module,
     processor,
@@ -293,14 +292,11 @@ def write_sample_answers(
     step: int,
     samples_dir: Path,
 ) -> None:
-    """Greedy answers to the first user turns of a few training conversations, appended to answers.jsonl."""
-    if not accelerator.is_main_process:
-        return
-    samples_dir = Path(samples_dir)
-    samples_dir.mkdir(parents=True, exist_ok=True)
+    """Greedy answers to the first user turns of a few training conversations, appended to answers.jsonl.
+
+    The loop calls this on the main process, in eval mode under no_grad.
+    """
     device = next(peft_model.parameters()).device
-    was_training = peft_model.training
-    peft_model.eval()
     records = []
     for conversation in conversations:
         answer_at = next(i for i, m in enumerate(conversation.messages) if m["role"] == "assistant")
@@ -325,8 +321,7 @@ def write_sample_answers(
                 "answer": processor.decode(new_tokens, skip_special_tokens=True),
             }
         )
-    peft_model.train(was_training)
-    with open(samples_dir / "answers.jsonl", "a", encoding="utf-8") as handle:
+    with open(Path(samples_dir) / "answers.jsonl", "a", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 

@@ -1,0 +1,65 @@
+"""Batches whose samples share a group, in an order that a resumed run can reproduce exactly."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches whose indices all share a group (SDXL: aspect bucket; Qwen-VL: token-length bin).
+
+    Order is a pure function of (seed, epoch), independent of the global RNGs, so a resumed run
+    can rebuild an epoch and skip what it already consumed. With shuffle=True the samples inside
+    each group are shuffled, and then the batches of all groups are shuffled together, so groups
+    interleave instead of training on one bucket at a time. The partial last batch of a group is
+    yielded (no image silently lost) unless drop_last.
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[Hashable],
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._members: dict[Hashable, list[int]] = {}
+        for index, group in enumerate(groups):
+            self._members.setdefault(group, []).append(index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # A SeedSequence over (seed, epoch) keeps (0, 1) and (1, 0) apart, unlike seed + epoch.
+        rng = np.random.default_rng((self.seed, self.epoch))
+        batches: list[list[int]] = []
+        for members in self._members.values():
+            order = rng.permutation(len(members)) if self.shuffle else range(len(members))
+            shuffled = [members[i] for i in order]
+            for start in range(0, len(shuffled), self.batch_size):
+                batch = shuffled[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return iter(batches)
+
+    def __len__(self) -> int:
+        rounding = math.floor if self.drop_last else math.ceil
+        return sum(rounding(len(members) / self.batch_size) for members in self._members.values())
+
+    def partial_groups(self) -> dict[Hashable, int]:
+        """Group -> size for groups smaller than batch_size (dropped entirely when drop_last)."""
+        return {group: len(m) for group, m in self._members.items() if len(m) < self.batch_size}

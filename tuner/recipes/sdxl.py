@@ -1,0 +1,442 @@
+"""SDXL LoRA: captioned images in, a diffusers LoRA file out.
+
+The pipeline, top to bottom: resolve the model -> device and Accelerator -> write the resolved config
+-> scan the captioned images -> bucket and plan crops -> load the SDXL parts -> LoRA on the UNet (and
+optionally both text encoders) -> cache latents and text embeddings -> optimizer and schedule -> the
+shared training loop -> save the adapter (and its EMA twin) -> a final grid of samples.
+
+The objective is diffusers' SDXL LoRA example's: DDPM forward noising of VAE latents, an epsilon or
+v-prediction target, optional min-SNR weighting (see `tuner.models.sdxl_loss`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import random
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+import tuner
+from tuner.config.load import write_resolved_config
+from tuner.config.schema import DataConfig, LoraConfig, RunConfig
+from tuner.data.buckets import CropPlan, bucket_histogram, nearest_bucket, plan_crop, sdxl_buckets
+from tuner.data.captions import CaptionedImage, scan_caption_dataset
+from tuner.data.problems import Problem
+from tuner.data.sampling import GroupedBatchSampler
+from tuner.errors import ConfigError, DataError
+from tuner.models.sdxl import SDXLComponents, load_sdxl
+from tuner.models.sdxl_cache import build_sdxl_dataset, collate_sdxl, model_fingerprint
+from tuner.models.sdxl_lora import (
+    ADAPTER_FILE,
+    EMA_ADAPTER_FILE,
+    TEXT_ENCODER_TARGETS,
+    add_lora,
+    lora_config,
+    save_sdxl_lora,
+    unet_target_modules,
+)
+from tuner.models.sdxl_loss import SDXLLoraModel, noise_settings
+from tuner.models.sdxl_sampling import sample_images
+from tuner.runtime.device import build_accelerator, configure_unet_attention, resolve_runtime
+from tuner.runtime.hub import resolve_model_source
+from tuner.tiny import build_tiny, resolve_tiny_alias
+from tuner.tiny.datasets import resolve_tiny_dataset
+from tuner.training.loop import TrainingJob, run_training, settings_from_config
+from tuner.training.optim import build_lr_scheduler, build_optimizer
+
+TASK = "sdxl-lora"
+PROBLEMS_SHOWN = 20
+# Without sample prompts, the first few distinct training captions are sampled.
+DEFAULT_SAMPLE_PROMPTS = 2
+
+
+def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
+    """Train a LoRA adapter on SDXL as `config` says; returns the output folder."""
+    if not config.output.dir or not config.data.path:
+        raise ConfigError(
+            "sdxl-lora needs output.dir and data.path", hint="pass --output DIR and --data PATH"
+        )
+    output_dir = Path(config.output.dir)
+    set_seed(config.train.seed)
+    model_path, base_model = resolve_base_model(config)
+
+    runtime = resolve_runtime(config.runtime.device, config.runtime.mixed_precision, config.runtime.devices)
+    accelerator = build_accelerator(runtime, config.train.grad_accum, output_dir)
+    if accelerator.is_main_process:
+        write_resolved_config(config, output_dir)
+
+    samples = load_training_samples(config)
+    train_samples, validation_samples = split_validation(
+        samples, config.data.validation_fraction, config.train.seed
+    )
+    train_plans = plan_crops(train_samples, config.data, config.train.seed)
+    accelerator.print(bucket_histogram([plan.bucket for plan in train_plans], config.train.batch_size))
+
+    model_config = config.model
+    components = load_sdxl(
+        model_path,
+        vae=model_config.vae,
+        revision=model_config.revision,
+        variant=model_config.variant,
+        weight_dtype=runtime.compute_dtype,
+        allow_pickle=model_config.allow_pickle,
+        vae_half_precision_safe=model_config.vae_half_precision_safe,
+    )
+    configure_unet_attention(components.unet, runtime)
+    parameter_groups = setup_lora(components, config.lora, config.optim.lr)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(components, config.lora.text_encoder)
+    settings = noise_settings(
+        components.noise_scheduler,
+        prediction_type=config.train.prediction_type,
+        snr_gamma=config.train.snr_gamma,
+        noise_offset=config.train.noise_offset,
+        pyramid_noise_discount=config.train.pyramid_noise_discount,
+        timestep_min=config.train.timestep_min,
+        timestep_max=config.train.timestep_max,
+    )
+
+    # Training the text encoders changes their outputs every step: nothing about the text can be cached.
+    cache = config.train.cache and not config.lora.text_encoder
+    if config.train.cache and not cache:
+        accelerator.print("note: caching is off because lora.text_encoder trains the text encoders")
+    dataset_of = functools.partial(
+        build_dataset,
+        components=components,
+        config=config,
+        cache=cache,
+        accelerator=accelerator,
+        output_dir=output_dir,
+        model_name=base_model,
+    )
+    dataset = dataset_of(train_samples, train_plans, caption_options=caption_options(config.data))
+    validation_batches = None
+    if validation_samples:
+        validation_plans = plan_crops(validation_samples, config.data, config.train.seed)
+        # Validation sees every caption as written, so its loss is comparable between evaluations.
+        validation = dataset_of(
+            validation_samples, validation_plans, caption_options={"prefix": config.data.caption_prefix}
+        )
+        validation_batches = fixed_batches(validation, validation_plans, config.train.batch_size)
+
+    # What the cache holds decides what each step still encodes (the cache keeps the caption when tag
+    # shuffling or caption dropout make the text differ per step).
+    first_item = dataset[0]
+    encodes_images, encodes_captions = "latents" not in first_item, "prompt_embeds" not in first_item
+    model = SDXLLoraModel(
+        components, settings, encodes_images=encodes_images, encodes_captions=encodes_captions
+    )
+    offload_unused_encoders(components, encodes_images, encodes_captions)
+    accelerator.free_memory()
+
+    groups = bucket_groups(train_plans)
+    batch_sampler = GroupedBatchSampler(
+        groups, batch_size=config.train.batch_size, seed=config.train.seed, shuffle=True, drop_last=False
+    )
+    loop_settings = settings_from_config(config, batches_per_epoch=len(batch_sampler))
+    optim = config.optim
+    optimizer = build_optimizer(
+        optim.name,
+        parameter_groups,
+        optim.lr,
+        optim.weight_decay,
+        optim.betas,
+        optim.eps,
+        runtime.device_type,
+    )
+    lr_scheduler = build_lr_scheduler(optimizer, optim.scheduler, optim.warmup_steps, loop_settings.max_steps)
+
+    prompts = config.output.sample_prompts or default_sample_prompts(
+        train_samples, config.data.caption_prefix
+    )
+    job = TrainingJob(
+        model=model,
+        loss_fn=batch_loss,
+        dataset=dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate_sdxl,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        sample_fn=functools.partial(write_sample_grid, components, prompts, config, accelerator),
+        validation_batches=validation_batches,
+        num_workers=config.data.num_workers,
+        batch_size_of=lambda batch: batch["time_ids"].shape[0],
+    )
+    result = run_training(
+        job, settings=loop_settings, accelerator=accelerator, output_dir=output_dir, resume=resume
+    )
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        metadata = adapter_metadata(config, base_model, train_samples, result.step)
+        save_adapters(components, output_dir, ADAPTER_FILE, metadata)
+        if result.ema_state:
+            with parameters_replaced(accelerator.unwrap_model(model), result.ema_state):
+                save_adapters(
+                    components,
+                    output_dir,
+                    EMA_ADAPTER_FILE,
+                    {**metadata, "ema_decay": config.train.ema_decay},
+                )
+    return output_dir
+
+
+def batch_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The diffusion loss of one batch: `SDXLLoraModel.forward`, called through any wrapper the loop adds."""
+    return model(batch)
+
+
+def resolve_base_model(config: RunConfig) -> tuple[str, str]:
+    """(where to load the model from, the name recorded with the adapter)."""
+    requested = config.model.name_or_path
+    tiny = resolve_tiny_alias(requested, TASK)
+    if tiny is not None:
+        return str(build_tiny(tiny)), f"tiny-{tiny}"
+    hub = config.hub
+    return resolve_model_source(requested, hub.source, hub.offline, config.model.revision), requested
+
+
+def load_training_samples(config: RunConfig) -> list[CaptionedImage]:
+    """Every captioned image of `data.path`; any problem stops the run, listing the first few."""
+    data = config.data
+    path = resolve_tiny_dataset(data.path, TASK)
+    scan = scan_caption_dataset(
+        path, data.image_column, data.caption_column, check_images=True, max_pixels=data.max_image_pixels
+    )
+    if scan.problems:
+        raise DataError(
+            f"{len(scan.problems)} problem(s) in {path}:\n{describe_problems(scan.problems)}",
+            hint=f"fix them (`tuner data check sdxl {path}` lists all)",
+        )
+    return scan.samples
+
+
+def describe_problems(problems: Sequence[Problem]) -> str:
+    lines = [f"  {problem}" for problem in problems[:PROBLEMS_SHOWN]]
+    if len(problems) > PROBLEMS_SHOWN:
+        lines.append(f"  ... and {len(problems) - PROBLEMS_SHOWN} more")
+    return "\n".join(lines)
+
+
+def split_validation(
+    samples: list[CaptionedImage], fraction: float, seed: int
+) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
+    """A seeded random `fraction` of the samples held out for validation (at least one if asked)."""
+    if fraction <= 0:
+        return samples, []
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[: max(1, round(fraction * len(samples)))])
+    if len(held_out) >= len(samples):
+        raise ConfigError(
+            f"data.validation_fraction {fraction} leaves no training images out of {len(samples)}",
+            hint="lower data.validation_fraction or add images",
+        )
+    return (
+        [sample for index, sample in enumerate(samples) if index not in held_out],
+        [sample for index, sample in enumerate(samples) if index in held_out],
+    )
+
+
+def plan_crops(samples: Sequence[CaptionedImage], data: DataConfig, seed: int) -> list[CropPlan]:
+    """Each sample's bucket and crop: the nearest-aspect bucket, or one square of `data.resolution`."""
+    buckets = sdxl_buckets(data.resolution, data.bucket_step) if data.bucketing else None
+    rng = random.Random(seed)
+    plans = []
+    for sample in samples:
+        width, height = sample.load(data.background, data.max_image_pixels).size
+        bucket = nearest_bucket(width, height, buckets) if buckets else (data.resolution, data.resolution)
+        plans.append(plan_crop(width, height, bucket, center=data.center_crop, rng=rng))
+    return plans
+
+
+def bucket_groups(plans: Sequence[CropPlan]) -> list[int]:
+    """A group id per sample: samples of one bucket share batches (their latents have one shape)."""
+    ids: dict[tuple[int, int], int] = {}
+    return [ids.setdefault(plan.bucket, len(ids)) for plan in plans]
+
+
+def setup_lora(components: SDXLComponents, lora: LoraConfig, lr: float) -> list[dict]:
+    """Add the LoRA adapters; returns the optimizer's parameter groups (text encoders at their own lr)."""
+    options = {
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "dropout": lora.dropout,
+        "init": lora.init,
+        "use_rslora": lora.use_rslora,
+    }
+    groups = [
+        {"params": add_lora(components.unet, lora_config(unet_target_modules(lora.targets), **options))}
+    ]
+    if lora.text_encoder:
+        text_parameters = [
+            parameter
+            for encoder in (components.text_encoder, components.text_encoder_2)
+            for parameter in add_lora(encoder, lora_config(TEXT_ENCODER_TARGETS, **options))
+        ]
+        groups.append({"params": text_parameters, "lr": lora.text_encoder_lr or lr})
+    return groups
+
+
+def offload_unused_encoders(components: SDXLComponents, encodes_images: bool, encodes_captions: bool) -> None:
+    """Park on the CPU what no step needs (sampling borrows it back); the loop moves only the model."""
+    if not encodes_images:
+        components.vae.to("cpu")
+    if not encodes_captions:
+        components.text_encoder.to("cpu")
+        components.text_encoder_2.to("cpu")
+
+
+def enable_gradient_checkpointing(components: SDXLComponents, text_encoders: bool) -> None:
+    components.unet.enable_gradient_checkpointing()
+    if text_encoders:
+        components.text_encoder.gradient_checkpointing_enable()
+        components.text_encoder_2.gradient_checkpointing_enable()
+
+
+def caption_options(data: DataConfig) -> dict:
+    return {
+        "prefix": data.caption_prefix,
+        "shuffle_tags": data.shuffle_tags,
+        "keep_tags": data.keep_tags,
+        "dropout": data.caption_dropout,
+    }
+
+
+def build_dataset(
+    samples: list[CaptionedImage],
+    plans: list[CropPlan],
+    *,
+    caption_options: dict,
+    components: SDXLComponents,
+    config: RunConfig,
+    cache: bool,
+    accelerator,
+    output_dir: Path,
+    model_name: str,
+) -> torch.utils.data.Dataset:
+    components.vae.to(accelerator.device)
+    components.text_encoder.to(accelerator.device)
+    components.text_encoder_2.to(accelerator.device)
+    return build_sdxl_dataset(
+        samples,
+        plans,
+        components,
+        cache=cache,
+        cache_dir=Path(config.train.cache_dir) if config.train.cache_dir else output_dir / "cache",
+        model_fingerprint=model_fingerprint(model_name, components) if cache else "",
+        caption_options=caption_options,
+        background=config.data.background,
+        max_image_pixels=config.data.max_image_pixels,
+        random_flip=config.data.random_flip,
+        seed=config.train.seed,
+        device=accelerator.device,
+        accelerator=accelerator,
+    )
+
+
+def fixed_batches(
+    dataset: torch.utils.data.Dataset, plans: Sequence[CropPlan], batch_size: int
+) -> list[dict]:
+    """Validation batches, one bucket each (the loop seeds their noise, so evaluations compare)."""
+    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, plan in enumerate(plans):
+        by_bucket[plan.bucket].append(index)
+    batches = []
+    for indices in by_bucket.values():
+        for start in range(0, len(indices), batch_size):
+            batches.append(collate_sdxl([dataset[index] for index in indices[start : start + batch_size]]))
+    return batches
+
+
+def default_sample_prompts(samples: Sequence[CaptionedImage], prefix: str) -> list[str]:
+    captions = list(dict.fromkeys(sample.caption for sample in samples))[:DEFAULT_SAMPLE_PROMPTS]
+    return [f"{prefix}, {caption}" if prefix else caption for caption in captions]
+
+
+def write_sample_grid(
+    components: SDXLComponents,
+    prompts: list[str],
+    config: RunConfig,
+    accelerator,
+    step: int,
+    samples_dir: Path,
+) -> None:
+    """`samples_dir/step-NNNNNN.png`: one row per prompt, at the training resolution, seeded by train.seed."""
+    if not accelerator.is_main_process:
+        return
+    resolution = config.data.resolution
+    with accelerator.autocast():
+        sample_images(
+            components,
+            prompts,
+            [config.train.seed],
+            config.output.sample_steps,
+            (resolution, resolution),
+            Path(samples_dir) / f"step-{step:06d}.png",
+            device=accelerator.device,
+        )
+
+
+def adapter_metadata(
+    config: RunConfig, base_model: str, samples: Sequence[CaptionedImage], steps: int
+) -> dict:
+    """What the adapter file records about its run (safetensors header, `tuner.*` keys)."""
+    lora = config.lora
+    return {
+        "base_model": base_model,
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "targets": "+".join(lora.targets or ["attention"]),
+        "text_encoder": lora.text_encoder,
+        "steps": steps,
+        "dataset_hash": dataset_hash(samples),
+        "tuner_version": tuner.__version__,
+    }
+
+
+def dataset_hash(samples: Sequence[CaptionedImage]) -> str:
+    """A hash of which images (by name and size in bytes) were trained with which captions.
+
+    Cheap by design: reading every image's bytes would cost as much as a caching pass. It changes when
+    a caption, an image's size or the set of images changes.
+    """
+    digest = hashlib.sha256()
+    for sample in samples:
+        image = sample.image
+        size = image.stat().st_size if isinstance(image, Path) else ""
+        digest.update(f"{sample.source}\0{size}\0{sample.caption}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def save_adapters(components: SDXLComponents, output_dir: Path, weight_name: str, metadata: dict) -> Path:
+    return save_sdxl_lora(
+        output_dir,
+        components.unet,
+        components.text_encoder,
+        components.text_encoder_2,
+        weight_name=weight_name,
+        training_metadata=metadata,
+    )
+
+
+@contextlib.contextmanager
+def parameters_replaced(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily load `state` (e.g. EMA weights, keyed by parameter name) into `model`'s parameters."""
+    parameters = dict(model.named_parameters())
+    saved = {name: parameters[name].detach().clone() for name in state}
+    with torch.no_grad():
+        for name, value in state.items():
+            parameters[name].copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                parameters[name].copy_(value)
