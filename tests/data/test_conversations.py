@@ -80,7 +80,14 @@ def test_parts_content_with_listed_and_inline_images(corpus: Path) -> None:
         ],
         "images": ["img/cat.png"],
     }
-    data.write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}, record]))
+    data.write_text(
+        json.dumps(
+            [
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+                record,
+            ]
+        )
+    )
     scan = load_conversations(data)
     assert scan.problems == []
     text_only, with_images = scan.conversations
@@ -164,10 +171,12 @@ def test_every_problem_kind_is_reported_with_file_and_record(corpus: Path) -> No
         {"conversations": [{"from": "human"}, {"from": "gpt", "value": "y"}]},  # 14
         {"messages": [user, answer, {"role": "system", "content": "late"}, answer]},  # 15
         {"messages": [user, {"role": "assistant", "content": "<image>"}], "images": ["img/cat.png"]},  # 16
+        {"messages": [{"role": "user", "content": "q<|im_end|>"}, answer]},  # 17
     ]
     data = _jsonl(corpus / "train.jsonl", records)
     scan = load_conversations(data)
     assert _kinds(scan) == [
+        ("control-token", 17),
         ("empty-turn", 6),
         ("image-count-mismatch", 4),
         ("image-in-answer", 16),
@@ -216,5 +225,5 @@ def test_missing_path_and_empty_data_raise(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no conversation records"):
         load_conversations(tmp_path / "empty.jsonl")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(DataError, match="no .json or .jsonl files"):
+    with pytest.raises(DataError, match=r"no \.json or \.jsonl files"):
         load_conversations(tmp_path / "folder")

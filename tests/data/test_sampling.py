@@ -21,7 +21,9 @@ def test_order_is_a_function_of_seed_and_epoch():
     assert _epoch(first, 0) != _epoch(first, 1)
     assert _epoch(first, 0) != _epoch(GroupedBatchSampler(GROUPS, 2, seed=2), 0)
     # Seed and epoch are not simply added.
-    assert _epoch(GroupedBatchSampler(GROUPS, 2, seed=0), 1) != _epoch(GroupedBatchSampler(GROUPS, 2, seed=1), 0)
+    assert _epoch(GroupedBatchSampler(GROUPS, 2, seed=0), 1) != _epoch(
+        GroupedBatchSampler(GROUPS, 2, seed=1), 0
+    )
 
 
 @pytest.mark.parametrize("shuffle", [True, False])

@@ -39,15 +39,15 @@ def caption_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def _config(data: Path, output: Path, **sections: dict) -> RunConfig:
+def _config(data_dir: Path, output_dir: Path, **sections: dict) -> RunConfig:
     config = {
         "task": "sdxl-lora",
         "model": {"name_or_path": "tiny"},
-        "data": {"path": str(data), "resolution": 64, "bucket_step": 32},
+        "data": {"path": str(data_dir), "resolution": 64, "bucket_step": 32},
         "lora": {"rank": 4, "alpha": 2.0},
         "optim": {"lr": 1e-3},
         "train": {"batch_size": 2, "max_steps": 3},
-        "output": {"dir": str(output), "log_every": 1, "sample_every": 2, "sample_steps": 2},
+        "output": {"dir": str(output_dir), "log_every": 1, "sample_every": 2, "sample_steps": 2},
         "runtime": {"device": "cpu", "mixed_precision": "no"},
     }
     for section, values in sections.items():
@@ -90,7 +90,7 @@ def test_uncached_text_encoder_run_with_ema_and_validation(caption_folder: Path,
         lora={"text_encoder": True, "text_encoder_lr": 5e-4},
         train={"ema_decay": 0.5, "max_steps": 2},
         data={"validation_fraction": 0.34, "caption_dropout": 0.5},
-        output={"sample_every": 0},
+        output={"sample_every": 0, "sample_steps": 1},
     )
     output = train_sdxl_lora(config)
     main = output / "pytorch_lora_weights.safetensors"

@@ -19,7 +19,7 @@ def _write_checkpoint(output_dir, step, content=b"weights"):
     temporary = temporary_checkpoint_dir(output_dir, step)
     temporary.mkdir(parents=True)
     (temporary / "model.safetensors").write_bytes(content)
-    (temporary / "loop_state.json").write_text('{"step": %d}' % step)
+    (temporary / "loop_state.json").write_text(f'{{"step": {step}}}')
     return publish_checkpoint(temporary, step)
 
 
@@ -48,7 +48,7 @@ def test_verify_manifest_detects_changed_contents(tmp_path):
     checkpoint = _write_checkpoint(tmp_path, 1)
     verify_manifest(checkpoint)
     (checkpoint / "model.safetensors").write_bytes(b"WEIGHTS")  # same size, other bytes
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         resolve_resume(tmp_path, checkpoint)
 
 

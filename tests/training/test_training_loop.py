@@ -113,7 +113,9 @@ def test_nonfinite_steps_are_skipped_then_training_stops(tmp_path, new_accelerat
         return loss * math.nan if calls == 2 or calls >= 5 else loss
 
     job.loss_fn = nan_at_step_2_and_from_step_5
-    settings = LoopSettings(max_steps=20, log_every=1, checkpoint_every=1, keep_checkpoints=1, max_nonfinite=3)
+    settings = LoopSettings(
+        max_steps=20, log_every=1, checkpoint_every=1, keep_checkpoints=1, max_nonfinite=3
+    )
     with pytest.raises(NonFiniteLossError) as error:
         run_training(job, settings, new_accelerator(), tmp_path)
 

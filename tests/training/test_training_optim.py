@@ -36,10 +36,10 @@ def test_cosine_is_halfway_down_halfway_through_the_decay():
 
 
 def test_unknown_names_suggest_the_closest():
-    with pytest.raises(ConfigError, match="optim.name") as error:
+    with pytest.raises(ConfigError, match=r"optim\.name") as error:
         build_optimizer("adamww", _params(), lr=1e-3)
     assert "'adamw'" in error.value.hint
-    with pytest.raises(ConfigError, match="optim.scheduler") as error:
+    with pytest.raises(ConfigError, match=r"optim\.scheduler") as error:
         build_lr_scheduler(build_optimizer("sgd", _params(), lr=1.0), "cosin", 0, 10)
     assert "'cosine'" in error.value.hint
 
@@ -50,14 +50,19 @@ def test_import_paths_build_optimizers_and_bad_ones_are_config_errors():
     assert optimizer.param_groups[0]["betas"] == (0.8, 0.9)
     with pytest.raises(ConfigError, match="cannot import"):
         build_optimizer("torch.optim.NoSuchOptimizer", _params(), lr=1e-3)
-    with pytest.raises(ConfigError, match="not a torch.optim.Optimizer"):
+    with pytest.raises(ConfigError, match="not a torch"):
         build_optimizer("collections.OrderedDict", _params(), lr=1e-3)
 
 
 def test_builtin_optimizers_take_our_settings():
     adamw = build_optimizer("adamw", _params(), lr=2e-4, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-7)
     group = adamw.param_groups[0]
-    assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (2e-4, 0.1, (0.8, 0.95), 1e-7)
+    assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (
+        2e-4,
+        0.1,
+        (0.8, 0.95),
+        1e-7,
+    )
     assert group["foreach"] and not group["fused"]  # fused only on cuda/npu
     adafactor = build_optimizer("adafactor", _params(), lr=3e-4)
     assert adafactor.param_groups[0]["lr"] == 3e-4 and not adafactor.param_groups[0]["relative_step"]

@@ -46,6 +46,17 @@ from tuner.errors import DataError
 IMAGE_PLACEHOLDER = "<image>"
 DATA_SUFFIXES = (".json", ".jsonl")
 CHAT_ROLES = ("system", "user", "assistant")
+# Qwen chat-template markers: written inside a turn they would be read as real turn or image boundaries.
+CONTROL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -335,6 +346,12 @@ class _RecordParser:
             if not text.strip() and not has_image:
                 self.report(
                     "empty-turn", f"{label} ({turn['role']}) is empty", "remove the turn or give it text"
+                )
+            if control := next((token for token in CONTROL_TOKENS if token in text), None):
+                self.report(
+                    "control-token",
+                    f"{label} contains the chat-template marker {control}",
+                    "remove it from the text (images are marked with <image> or an image part)",
                 )
             if turn["role"] == "assistant" and has_image:
                 self.report(

@@ -42,7 +42,7 @@ import os
 import random
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +51,14 @@ from typing import Any
 import numpy as np
 import torch
 from filelock import FileLock
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from tuner.data.buckets import CropPlan, apply_crop
 from tuner.data.captions import CaptionedImage, transform_caption
-from tuner.data.images import load_image_rgb
+from tuner.errors import DataError
 from tuner.models.sdxl import SDXLComponents, compute_time_ids, encode_latents, encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -68,10 +69,11 @@ CACHE_FORMAT_VERSION = 1
 _INDEX_NAME = "index.json"
 # A shard is written once it holds this many bytes: progress survives a crash, files stay manageable.
 _SHARD_BYTES = 256 * 1024 * 1024
-# Elements sampled from each weight tensor for the model fingerprint: any fine-tune or other checkpoint
-# changes them, and hashing a few thousand values per tensor takes well under a second for SDXL.
+# Elements sampled (evenly strided) from each weight tensor for the model fingerprint: a fine-tune or
+# another checkpoint changes them, and the cost does not grow with the tensor's size.
 _WEIGHT_SAMPLES_PER_TENSOR = 4096
 _TEXT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
+_TEMP_SUFFIX = ".tmp"
 
 
 def model_fingerprint(name_or_path: str, components: SDXLComponents) -> str:
@@ -115,13 +117,20 @@ def _update_with_weight_sample(digest: Any, state_dict: dict[str, torch.Tensor])
 
 def _tokenizer_description(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocabulary = backend.to_str() if backend is not None else _canonical_json(tokenizer.get_vocab())
+    if backend is None:
+        vocabulary = tokenizer.get_vocab()
+    else:
+        vocabulary = json.loads(backend.to_str())
+        # Calling a transformers 5.23 fast tokenizer with padding/truncation stores those settings in
+        # its backend; encode_prompt always passes them, so they say nothing about the cached tensors.
+        vocabulary.pop("padding", None)
+        vocabulary.pop("truncation", None)
     settings = {
         "class": type(tokenizer).__name__,
         "model_max_length": tokenizer.model_max_length,
         "special_tokens": {key: str(value) for key, value in tokenizer.special_tokens_map.items()},
     }
-    return _canonical_json(settings) + vocabulary
+    return _canonical_json({**settings, "vocabulary": vocabulary})
 
 
 def _canonical_json(value: Any) -> str:
@@ -147,65 +156,298 @@ def build_sdxl_dataset(
 ) -> SDXLDataset:
     """The training dataset for `samples` cropped by `plans` (one plan per sample).
 
-    `caption_options` holds `prefix`, `shuffle_tags`, `keep_tags` and `dropout`. With `cache=True`
-    every entry not yet cached is encoded before this returns (VAE in fp32, encoders moved to `device`);
-    see the module docstring for what items hold. The dataset keeps no reference to `components`.
+    `caption_options` holds `prefix`, `shuffle_tags`, `keep_tags` and `dropout` (missing keys: off).
+    With `cache=True` every entry not yet cached is encoded before this returns, on the device the
+    encoders are on (inputs go to `device`); see the module docstring for what items hold. The dataset
+    keeps no reference to `components`, so the recipe can free the encoders it no longer needs.
     """
     if len(samples) != len(plans):
         raise ValueError(f"{len(samples)} samples but {len(plans)} crop plans")
-    prefix = caption_options.get("prefix", "")
-    text_per_step = bool(caption_options.get("shuffle_tags")) or caption_options.get("dropout", 0.0) > 0
-    shared = _SampleSettings(
+    if cache and not model_fingerprint:
+        raise ValueError("caching needs the model fingerprint (see model_fingerprint)")
+    settings = _SampleSettings(
         caption_options=dict(caption_options),
         background=tuple(background),
         max_image_pixels=max_image_pixels,
         random_flip=random_flip,
         seed=seed,
     )
-    items = [
-        _Item(sample=sample, plan=plan, time_ids=_time_ids(plan)) for sample, plan in zip(samples, plans)
-    ]
+    items = [_Item(sample, plan, _time_ids(plan)) for sample, plan in zip(samples, plans, strict=True)]
     if not cache:
-        return SDXLDataset(items, shared, cached=None)
+        return SDXLDataset(items, settings, cached=None)
 
     store = ShardStore(Path(cache_dir) / model_fingerprint[:16], model_fingerprint)
     flips = (False, True) if random_flip else (False,)
-    latent_keys = [
-        {
-            flip: _latent_key(_content_fingerprint(item.sample), item.plan, flip, shared.background, store)
-            for flip in flips
-        }
-        for item in items
-    ]
-    text_keys = (
-        None if text_per_step else [_text_key(_cache_caption(item.sample, prefix), store) for item in items]
+    latent_keys = [_latent_keys(item, flips, settings.background, model_fingerprint) for item in items]
+    text_per_step = bool(caption_options.get("shuffle_tags")) or caption_options.get("dropout", 0.0) > 0
+    prefix = caption_options.get("prefix", "")
+    cache_captions = (
+        [] if text_per_step else [_caption_at_cache_time(i.sample.caption, prefix) for i in items]
     )
+    text_keys = [_text_key(caption, model_fingerprint) for caption in cache_captions]
 
-    is_main = accelerator is None or accelerator.is_main_process
-    # The main process caches first; the others then find every entry and only read.
+    # The main process encodes first; the others then find every entry cached and only read.
     in_order = accelerator.main_process_first() if accelerator is not None else nullcontext()
     with in_order, store.locked():
         store.reload()
-        latent_jobs = {keys[flip]: (item, flip) for item, keys in zip(items, latent_keys) for flip in flips}
-        text_jobs = (
-            {}
-            if text_keys is None
-            else dict(zip(text_keys, (_cache_caption(i.sample, prefix) for i in items)))
-        )
-        missing_latents = {key: job for key, job in latent_jobs.items() if key not in store}
-        missing_texts = {key: caption for key, caption in text_jobs.items() if key not in store}
-        if missing_latents or missing_texts:
-            _encode_missing(
-                store, components, missing_latents, missing_texts, shared, device, batch_size, is_main
-            )
+        missing_latents = {
+            keys[flip]: (item, flip)
+            for item, keys in zip(items, latent_keys, strict=True)
+            for flip in flips
+            if keys[flip] not in store
+        }
+        missing_captions = {
+            key: caption for key, caption in zip(text_keys, cache_captions, strict=True) if key not in store
+        }
+        show_progress = accelerator is None or accelerator.is_main_process
+        with store.writer() as writer:
+            _cache_latents(writer, components, missing_latents, settings, device, batch_size, show_progress)
+            _cache_text(writer, components, missing_captions, device, batch_size, show_progress)
     cached = [
         _CachedRefs(
             latents={flip: store.location(key) for flip, key in keys.items()},
-            text=None if text_keys is None else store.location(text_keys[index]),
+            text=store.location(text_keys[index]) if text_keys else None,
         )
         for index, keys in enumerate(latent_keys)
     ]
-    return SDXLDataset(items, shared, cached=cached)
+    return SDXLDataset(items, settings, cached=cached)
+
+
+def _time_ids(plan: CropPlan) -> torch.Tensor:
+    return compute_time_ids(plan.original_size, plan.crop_top_left, plan.target_size)
+
+
+def _caption_at_cache_time(caption: str, prefix: str) -> str:
+    # Only the prefix applies: the rng is never drawn from without shuffling or dropout.
+    return transform_caption(caption, prefix=prefix, rng=random.Random(0))
+
+
+def _latent_keys(
+    item: _Item, flips: Sequence[bool], background: tuple[int, int, int], fingerprint: str
+) -> dict[bool, str]:
+    plan = item.plan
+    image = _content_hash(item.sample)
+    return {
+        flip: _entry_key(
+            kind="latents",
+            model=fingerprint,
+            image=image,
+            bucket=plan.bucket,
+            resized=plan.resized,
+            crop_top_left=plan.crop_top_left,
+            original_size=plan.original_size,
+            flip=flip,
+            background=background,
+        )
+        for flip in flips
+    }
+
+
+def _text_key(caption: str, fingerprint: str) -> str:
+    return _entry_key(kind="text", model=fingerprint, caption=caption)
+
+
+def _entry_key(**inputs: Any) -> str:
+    inputs["format_version"] = CACHE_FORMAT_VERSION
+    return hashlib.sha256(_canonical_json(inputs).encode()).hexdigest()
+
+
+def _content_hash(sample: CaptionedImage) -> str:
+    """sha256 of the encoded image: the file's bytes, or the bytes a dataset row holds."""
+    image = sample.image if isinstance(sample.image, Path) else sample.image.read()
+    if isinstance(image, bytes):
+        return hashlib.sha256(image).hexdigest()
+    digest = hashlib.sha256()
+    try:
+        with open(image, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    except OSError as error:
+        raise DataError(
+            f"{image}: cannot read the image ({error.strerror}) (sample {sample.source})",
+            hint="restore the file, or remove the sample from the dataset",
+        ) from error
+    return digest.hexdigest()
+
+
+def _cache_latents(
+    writer: _ShardWriter,
+    components: SDXLComponents,
+    missing: dict[str, tuple[_Item, bool]],
+    settings: _SampleSettings,
+    device: torch.device,
+    batch_size: int,
+    show_progress: bool,
+) -> None:
+    by_bucket: dict[tuple[int, int], list[tuple[str, _Item, bool]]] = defaultdict(list)
+    for key, (item, flip) in missing.items():
+        by_bucket[item.plan.bucket].append((key, item, flip))
+    with tqdm(total=len(missing), desc="caching latents", unit="image", disable=not show_progress) as bar:
+        for jobs in by_bucket.values():
+            for batch in _chunks(jobs, batch_size):
+                pixels = torch.stack([_pixel_values(item, flip, settings) for _, item, flip in batch]).to(
+                    device
+                )
+                with torch.no_grad():
+                    latents = encode_latents(components, pixels)
+                for (key, _, _), latent in zip(batch, latents, strict=True):
+                    writer.add(key, {"latents": latent})
+                bar.update(len(batch))
+
+
+def _cache_text(
+    writer: _ShardWriter,
+    components: SDXLComponents,
+    missing: dict[str, str],
+    device: torch.device,
+    batch_size: int,
+    show_progress: bool,
+) -> None:
+    jobs = list(missing.items())
+    with tqdm(total=len(jobs), desc="caching captions", unit="caption", disable=not show_progress) as bar:
+        for batch in _chunks(jobs, batch_size):
+            with torch.no_grad():
+                prompt_embeds, pooled = encode_prompt(components, [caption for _, caption in batch], device)
+            for (key, _), embeds, pooled_embeds in zip(batch, prompt_embeds, pooled, strict=True):
+                writer.add(key, {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled_embeds})
+            bar.update(len(batch))
+
+
+def _chunks(values: list, size: int) -> Iterator[list]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _pixel_values(item: _Item, flip: bool, settings: _SampleSettings) -> torch.Tensor:
+    image = item.sample.load(settings.background, settings.max_image_pixels)
+    return _to_model_range(apply_crop(image, item.plan, flip=flip))
+
+
+def _to_model_range(image: Image.Image) -> torch.Tensor:
+    """CHW float32 in [-1, 1] from an 8-bit RGB image, as the VAE expects."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class ShardStore:
+    """Cached tensors for one model fingerprint: safetensors shards, and an index of entry key -> shard.
+
+    Use under `locked()`: `reload()` reads the index and keeps only entries whose shard holds them.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder = folder
+        self.fingerprint = fingerprint
+        self._entries: dict[str, str] = {}
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's file lock: one process at a time reads-then-writes the index."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.folder / ".lock")):
+            yield
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def location(self, key: str) -> tuple[str, str]:
+        """(shard file, key) of a cached entry."""
+        return str(self.folder / self._entries[key]), key
+
+    def reload(self) -> None:
+        # Under the lock no other process is writing, so temporary files are leftovers of a crash.
+        for leftover in self.folder.glob(f"*{_TEMP_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
+        self._entries = {}
+        index = self._read_index()
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for key, shard in index.items():
+            by_shard[shard].append(key)
+        for shard, keys in by_shard.items():
+            stored = self._keys_in_shard(shard)
+            self._entries.update((key, shard) for key in keys if key in stored)
+
+    def _read_index(self) -> dict[str, str]:
+        path = self.folder / _INDEX_NAME
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:
+            logger.warning("ignoring the unreadable cache index %s (%s): re-encoding", path, error)
+            return {}
+        if index.get("format_version") != CACHE_FORMAT_VERSION or index.get("model_fingerprint") != (
+            self.fingerprint
+        ):
+            return {}
+        return dict(index.get("entries", {}))
+
+    def _keys_in_shard(self, shard: str) -> set[str]:
+        try:
+            with safe_open(str(self.folder / shard), framework="pt") as handle:
+                return {name.rsplit(".", 1)[0] for name in handle.keys()}  # noqa: SIM118 (not a dict)
+        except (OSError, SafetensorError) as error:
+            logger.warning("ignoring the unreadable cache shard %s (%s): re-encoding", shard, error)
+            return set()
+
+    @contextmanager
+    def writer(self) -> Iterator[_ShardWriter]:
+        """A writer that adds entries; whatever was added is saved on exit, even when encoding fails."""
+        writer = _ShardWriter(self)
+        try:
+            yield writer
+        finally:
+            writer.flush()
+
+    def _commit(self, tensors: dict[str, torch.Tensor], keys: list[str]) -> None:
+        numbers = [int(path.stem.split("-")[1]) for path in self.folder.glob("shard-*.safetensors")]
+        shard = f"shard-{max(numbers, default=-1) + 1:05d}.safetensors"
+        # The shard is in place before the index names it: a crash in between leaves an unused file.
+        _write_atomically(self.folder / shard, lambda path: save_file(tensors, str(path)))
+        self._entries.update((key, shard) for key in keys)
+        index = {
+            "format_version": CACHE_FORMAT_VERSION,
+            "model_fingerprint": self.fingerprint,
+            "entries": self._entries,
+        }
+        text = json.dumps(index, indent=0, sort_keys=True)
+        _write_atomically(self.folder / _INDEX_NAME, lambda path: path.write_text(text, encoding="utf-8"))
+
+
+class _ShardWriter:
+    def __init__(self, store: ShardStore) -> None:
+        self._store = store
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._keys: list[str] = []
+        self._bytes = 0
+
+    def add(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            # A copy: a row of a batch shares the batch's storage, which safetensors refuses to save.
+            stored = tensor.detach().to("cpu", copy=True).contiguous()
+            self._tensors[f"{key}.{name}"] = stored
+            self._bytes += stored.numel() * stored.element_size()
+        self._keys.append(key)
+        if self._bytes >= _SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._keys:
+            self._store._commit(self._tensors, self._keys)
+        self._tensors, self._keys, self._bytes = {}, [], 0
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    os.close(descriptor)
+    try:
+        write(Path(temporary))
+        with open(temporary, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def collate_sdxl(items: list[dict]) -> dict:
@@ -256,28 +498,23 @@ class SDXLDataset(torch.utils.data.Dataset):
         self._epoch = 0
         # Open shards, per process: safe_open maps the file and parses its header once.
         self._open_shards: dict[str, Any] = {}
-        self._shard_folder: Path | None = None
 
     def __len__(self) -> int:
         return len(self._items)
-
-    @property
-    def plans(self) -> list[CropPlan]:
-        return [item.plan for item in self._items]
 
     def set_epoch(self, epoch: int) -> None:
         """Draw flips and caption transforms for `epoch` (same epoch, same draws: resumes replay)."""
         self._epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        index = range(len(self._items))[index]  # dataset[-1] draws what dataset[len - 1] draws
         item = self._items[index]
         settings = self._settings
         rng = random.Random(f"{settings.seed}:{index}:{self._epoch}")
         flip = settings.random_flip and rng.random() < 0.5
         result: dict[str, Any] = {}
         if self._cached is None:
-            image = load_image_rgb(_image_path(item.sample), settings.background, settings.max_image_pixels)
-            result["pixel_values"] = _to_model_range(apply_crop(image, item.plan, flip=flip))
+            result["pixel_values"] = _pixel_values(item, flip, settings)
         else:
             refs = self._cached[index]
             result["latents"] = self._read(*refs.latents[flip], "latents")
@@ -297,9 +534,6 @@ class SDXLDataset(torch.utils.data.Dataset):
         result["time_ids"] = item.time_ids.clone()
         result["source"] = item.sample.source
         return result
-
-    def attach_cache_folder(self, folder: Path) -> None:
-        self._shard_folder = folder
 
     def _read(self, shard: str, key: str, name: str) -> torch.Tensor:
         handle = self._open_shards.get(shard)

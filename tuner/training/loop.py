@@ -151,7 +151,7 @@ def run_training(
     accelerator.gradient_accumulation_steps = settings.grad_accum
     loader = torch.utils.data.DataLoader(
         job.dataset,
-        batch_sampler=job.batch_sampler,
+        batch_sampler=_AnySizeBatches(job.batch_sampler),
         collate_fn=job.collate_fn,
         num_workers=job.num_workers,
         pin_memory=accelerator.device.type != "cpu",
@@ -194,8 +194,7 @@ def run_training(
     )
 
     batches = _batches_from(loader, job.batch_sampler, accelerator, state)
-    window_loss = torch.zeros((), device=accelerator.device)  # summed on device: no host sync per step
-    window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+    window = _LogWindow(accelerator.device)
     nonfinite_in_a_row = 0
     while state.step < settings.max_steps and nonfinite_in_a_row < settings.max_nonfinite:
         step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
@@ -206,7 +205,7 @@ def run_training(
                 accelerator.backward(loss)
             step_loss += loss.detach().float()
             micro_steps += 1
-            window_samples += (job.batch_size_of or _count_samples)(batch)
+            window.samples += (job.batch_size_of or _count_samples)(batch)
             if accelerator.sync_gradients:
                 break
         step_loss /= micro_steps
@@ -229,28 +228,28 @@ def run_training(
         if not diverging and not optimizer.step_was_skipped:
             lr_scheduler.step()
             _update_ema(ema, unwrapped, settings.ema_decay)
-            window_loss += step_loss
-            window_steps += 1
+            window.add(step_loss)
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if diverging else 0
 
         if state.step % settings.log_every == 0 or state.step == settings.max_steps:
-            mean_loss = accelerator.reduce(window_loss, "mean").item() / max(window_steps, 1)
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "step": state.step,
-                "epoch": round(state.epoch + state.batches_in_epoch / len(loader), 3),
-                "loss": mean_loss if window_steps else None,  # None: every step in the window was skipped
-                "lr": lr_scheduler.get_last_lr()[0],
-                "samples_per_s": window_samples * accelerator.num_processes / elapsed,
-                "peak_memory_mb": peak_memory_mb(accelerator.device),
-            }
-            if window_steps:
+            mean_loss, samples_per_s = window.flush(accelerator)
+            if mean_loss is not None:
                 state.losses.append((state.step, mean_loss))
             if main:
-                metrics.write(record)
-                progress.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{record['lr']:.3g}")
-            window_loss.zero_()
-            window_steps, window_samples, window_start = 0, 0, time.perf_counter()
+                lr = lr_scheduler.get_last_lr()[0]
+                metrics.write(
+                    {
+                        "step": state.step,
+                        "epoch": round(state.epoch + state.batches_in_epoch / len(loader), 3),
+                        "loss": mean_loss,  # None when every step since the last record was skipped
+                        "lr": lr,
+                        "samples_per_s": samples_per_s,
+                        "peak_memory_mb": peak_memory_mb(accelerator.device),
+                    }
+                )
+                progress.set_postfix(
+                    loss=f"{mean_loss:.4g}" if mean_loss is not None else "-", lr=f"{lr:.3g}"
+                )
         if job.validation_batches and settings.validate_every and state.step % settings.validate_every == 0:
             _validate(job, model, accelerator, settings.seed, state, metrics)
         if job.sample_fn and settings.sample_every and state.step % settings.sample_every == 0:
@@ -285,6 +284,52 @@ def run_training(
     return result
 
 
+class _AnySizeBatches(torch.utils.data.Sampler[list[int]]):
+    """The grouped batches as Accelerate must shard them across processes.
+
+    Accelerate 1.15's BatchSamplerShard takes a batch shorter than the sampler's `batch_size` for
+    the end of the data and drops it, losing the partial batch of every group but the last. With
+    batch_size None it deals whole batches of any size to the processes in turn (and, so that all
+    processes take the same number of steps, repeats the first batches to fill the last round).
+    """
+
+    batch_size = None
+    drop_last = False  # the grouped sampler has already dropped what it should
+
+    def __init__(self, batches: GroupedBatchSampler) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _LogWindow:
+    """What happened since the last log record. The loss is summed on the device, so the host only
+    waits for it once per record."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.steps = 0
+        self.samples = 0
+        self.start = time.perf_counter()
+
+    def add(self, step_loss: torch.Tensor) -> None:
+        self.loss += step_loss
+        self.steps += 1
+
+    def flush(self, accelerator: Accelerator) -> tuple[float | None, float]:
+        """(mean loss over the steps taken and all processes, samples/s over all processes); resets."""
+        total = accelerator.reduce(self.loss, "mean").item()
+        mean_loss = total / self.steps if self.steps else None
+        samples_per_s = self.samples * accelerator.num_processes / (time.perf_counter() - self.start)
+        self.loss.zero_()
+        self.steps, self.samples, self.start = 0, 0, time.perf_counter()
+        return mean_loss, samples_per_s
+
+
 def _batches_from(
     loader: torch.utils.data.DataLoader,
     sampler: GroupedBatchSampler,
@@ -295,8 +340,8 @@ def _batches_from(
     while True:
         if state.batches_in_epoch >= len(loader):  # a checkpoint taken right after an epoch's last batch
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-        # The prepared loader passes set_epoch on to our sampler, but the loader skip_first_batches
-        # builds wraps the sampler in a SkipBatchSampler that does not: set both.
+        # Set on the sampler itself: the loader does not pass set_epoch through the wrappers that
+        # sharding and skip_first_batches put around it.
         sampler.set_epoch(state.epoch)
         loader.set_epoch(state.epoch)
         epoch = (
@@ -307,6 +352,7 @@ def _batches_from(
         for batch in epoch:
             state.batches_in_epoch += 1
             yield batch
+        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
 
 def _all_finite(accelerator: Accelerator, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> list[bool]:
