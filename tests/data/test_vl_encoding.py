@@ -55,10 +55,15 @@ def conversations(tmp_path_factory) -> list[Conversation]:
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def processor(request, tiny_model):
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def processor(family, tiny_model):
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(tiny_model(request.param))
+    processor = AutoProcessor.from_pretrained(tiny_model(family))
     set_pixel_bounds(processor, min_pixels=28 * 28, max_pixels=MAX_PIXELS)
     return processor
 
@@ -183,28 +188,27 @@ def test_collate_pads_masks_and_concatenates_images(processor, conversations, pa
     assert "pixel_values" not in text_only and "image_grid_thw" not in text_only
 
 
-def test_a_collated_batch_runs_through_the_tiny_model(tiny_model, conversations) -> None:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def test_a_collated_batch_runs_through_the_tiny_model(tiny_model, family, processor, conversations) -> None:
+    from transformers import AutoModelForImageTextToText
 
-    path = tiny_model("qwen2.5-vl")
-    processor = AutoProcessor.from_pretrained(path)
-    set_pixel_bounds(processor, min_pixels=28 * 28, max_pixels=MAX_PIXELS)
-    model = AutoModelForImageTextToText.from_pretrained(path)
-    batch = collate_vl(
-        [encode_conversation(processor, c) for c in conversations[:3]], processor.tokenizer.pad_token_id
-    )
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model(family))
+    samples = [encode_conversation(processor, c) for c in conversations[:3]]
+    pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
-        loss = model(**batch).loss
-    assert torch.isfinite(loss)
+        right = model(**collate_vl(samples, pad, "right")).loss
+        left = model(**collate_vl(samples, pad, "left")).loss
+    assert torch.isfinite(right)
+    # Padding must not change what the model sees: same loss whichever side is padded.
+    torch.testing.assert_close(right, left)
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(processor, conversations) -> None:
     original = processor.chat_template
     # Like a "thinking" template: only the last answer keeps its text, earlier ones are shortened.
     processor.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% for m in messages %}{% set last = loop.last %}<|im_start|>{{ m.role }}\n"
         "{% for p in m.content %}{% if p.type == 'text' %}"
-        "{{ p.text if (m.role != 'assistant' or loop.last) else p.text[:1] }}"
+        "{{ p.text if (m.role != 'assistant' or last) else p.text[:1] }}"
         "{% else %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}{% endfor %}<|im_end|>\n"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )

@@ -16,12 +16,13 @@ Two record formats are accepted, one record per JSONL line or per element of a J
        "image": "a.png"}            # or "images": ["a.png", ...]
 
   `"user"` and `"assistant"` are accepted as `from` values too; tool roles (`observation`,
-  `function_call`) are not. A top-level `"system"` string is used as the system prompt.
+  `function_call`) are not.
 
 Both formats may also carry a top-level `system` string (used when the turns have no system turn).
 Every conversation becomes the messages format with list content; a system turn may only come
 first, images may only appear outside assistant turns (their tokens would otherwise be supervised),
-and the last turn must be the assistant's answer.
+text may not contain Qwen chat-template markers such as `<|im_end|>`, and the last turn must be the
+assistant's answer. Multi-turn, multi-image and text-only conversations are all fine.
 
 Image paths are relative to `image_root` (default: the folder of the data file). Absolute paths are
 accepted when they lie inside `image_root`. A path that leaves the root (`..`, an absolute path
@@ -29,7 +30,11 @@ elsewhere, a symlink pointing outside) is refused, so a dataset cannot make trai
 files.
 
 Every problem in a record is reported (with the data file and the 1-based line or array index) and
-the record is skipped; the caller decides whether to stop (see `tuner data check`).
+the record is skipped; the caller decides whether to stop (see `tuner data check`). Problem kinds:
+`malformed-line`, `missing-key`, `bad-type` (a key holds the wrong JSON type), `unknown-role`,
+`misplaced-system`, `empty-turn`, `image-in-answer`, `control-token`, `no-final-answer`,
+`image-count-mismatch`, `missing-image`, `unreadable-image` (only with `check_images`; PIL verify,
+no decoding) and `path-escape`.
 """
 
 from __future__ import annotations

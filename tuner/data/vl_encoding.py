@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from tuner.data.conversations import Conversation
-from tuner.data.images import load_image_rgb
+from tuner.data.images import DEFAULT_MAX_PIXELS, load_image_rgb
 from tuner.errors import ConfigError, DataError, ModelError
 
 IGNORE_INDEX = -100
@@ -82,15 +82,24 @@ def encode_conversation(
     conversation: Conversation,
     max_length: int | None = None,
     overlength: Literal["drop", "truncate"] = "drop",
+    *,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> EncodedSample | None:
     """Tokens, labels and pixels of `conversation`; None when it is too long and cannot be used.
 
     Longer than `max_length` tokens: `drop` returns None; `truncate` cuts at `max_length`, moving the
     cut back to before an image whose tokens it would split (that image's pixels go too), and returns
-    None when no supervised token is left.
+    None when no supervised token is left. `background` fills transparent pixels; images with more
+    than `max_image_pixels` pixels are refused (`data.background`, `data.max_image_pixels`).
     """
+    if overlength not in ("drop", "truncate"):
+        raise ConfigError(
+            f"data.overlength={overlength!r} is not 'drop' or 'truncate'",
+            hint="set data.overlength to drop (skip long samples) or truncate",
+        )
     text, reply_spans = render_with_reply_spans(processor, conversation)
-    images = [load_image_rgb(path) for path in conversation.images]
+    images = [load_image_rgb(path, background, max_image_pixels) for path in conversation.images]
     encoded = processor(
         text=[text],
         images=images or None,
@@ -102,15 +111,15 @@ def encode_conversation(
         input_ids, encoded["offset_mapping"][0], encoded["text_replacement_offsets"][0], reply_spans
     )
     mm_token_type_ids = encoded.get("mm_token_type_ids")
+    if mm_token_type_ids is not None:
+        mm_token_type_ids = torch.tensor(mm_token_type_ids[0], dtype=torch.long)
     sample = EncodedSample(
         input_ids=input_ids,
         labels=labels,
         pixel_values=torch.as_tensor(encoded["pixel_values"]) if images else None,
         image_grid_thw=torch.as_tensor(encoded["image_grid_thw"], dtype=torch.long) if images else None,
         source=conversation.source,
-        mm_token_type_ids=torch.tensor(mm_token_type_ids[0], dtype=torch.long)
-        if mm_token_type_ids is not None
-        else None,
+        mm_token_type_ids=mm_token_type_ids,
     )
     if max_length is None or len(input_ids) <= max_length:
         return sample

@@ -118,6 +118,23 @@ def sample_timesteps(
     return timesteps.to(device)
 
 
+def seeded_noise_and_timesteps(
+    latents: torch.Tensor, settings: NoiseSettings, sample_seeds: torch.Tensor, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's noise and timestep from a CPU generator seeded with its seed.
+
+    What a sample draws then does not depend on the process, batch or micro-batch it lands in, so a
+    run on N processes with batch b matches one process with batch N*b (the per-process RNGs differ).
+    Pyramid noise is normalised per sample instead of per batch.
+    """
+    noises, timesteps = [], []
+    for row, seed in zip(latents, sample_seeds.tolist(), strict=True):
+        generator = torch.Generator().manual_seed(seed)
+        noises.append(sample_noise(row[None], settings, generator))
+        timesteps.append(sample_timesteps(1, settings, device, generator))
+    return torch.cat(noises), torch.cat(timesteps)
+
+
 def snr(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep, in fp32."""
     alpha_bar = noise_scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
@@ -176,9 +193,10 @@ class SDXLLoraModel(torch.nn.Module):
 
     A batch holds `latents` (cached) or `pixel_values` (encoded here by the frozen VAE), and
     `prompt_embeds` + `pooled_prompt_embeds` (cached) or `caption` (encoded here, with gradients when
-    the text encoders carry LoRA), plus `time_ids`. Noise and timesteps come from the global torch RNG
-    (seeded by the loop). Only the modules a batch needs are registered, so a cached run leaves the VAE
-    and text encoders off the accelerator.
+    the text encoders carry LoRA), plus `time_ids`. Noise and timesteps come from each sample's own
+    generator when the batch has `sample_seed` (see `tuner.distributed.PerSampleSeeds`), else from the
+    global torch RNG (seeded by the loop). Only the modules a batch needs are registered, so a cached
+    run leaves the VAE and text encoders off the accelerator.
     """
 
     def __init__(
@@ -210,8 +228,12 @@ class SDXLLoraModel(torch.nn.Module):
             trains_text = has_lora(self.text_encoder) or has_lora(self.text_encoder_2)
             with torch.set_grad_enabled(trains_text and torch.is_grad_enabled()):
                 prompt_embeds, pooled_prompt_embeds = encode_prompt(self.components, batch["caption"], device)
-        noise = sample_noise(latents, self.settings)
-        timesteps = sample_timesteps(latents.shape[0], self.settings, device)
+        if "sample_seed" in batch:
+            seeds = batch["sample_seed"]
+            noise, timesteps = seeded_noise_and_timesteps(latents, self.settings, seeds, device)
+        else:
+            noise = sample_noise(latents, self.settings)
+            timesteps = sample_timesteps(latents.shape[0], self.settings, device)
         return diffusion_loss(
             self.unet,
             self.components.noise_scheduler,

@@ -44,6 +44,7 @@ from tuner.models.qwenvl import (
     lora_target_modules,
     save_adapter,
 )
+from tuner.models.qwenvl_patches import apply_fast_paths
 from tuner.runtime.device import build_accelerator, resolve_runtime
 from tuner.runtime.hub import resolve_model_source
 from tuner.tiny import build_tiny, resolve_tiny_alias
@@ -86,6 +87,7 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
         revision=config.model.revision,
     )
     set_pixel_bounds(processor, min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
+    apply_fast_paths(model, family, runtime.device_type, config.model)
 
     lora = config.lora
     targets = lora_target_modules(model, family, lora.targets or DEFAULT_TARGETS)

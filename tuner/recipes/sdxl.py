@@ -29,6 +29,7 @@ from tuner.data.buckets import CropPlan, bucket_histogram, nearest_bucket, plan_
 from tuner.data.captions import CaptionedImage, scan_caption_dataset
 from tuner.data.problems import Problem
 from tuner.data.sampling import GroupedBatchSampler
+from tuner.distributed import PerSampleSeeds
 from tuner.errors import ConfigError, DataError
 from tuner.models.sdxl import SDXLComponents, load_sdxl
 from tuner.models.sdxl_cache import build_sdxl_dataset, collate_sdxl, model_fingerprint
@@ -67,6 +68,12 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     model_path, base_model = resolve_base_model(config)
 
     runtime = resolve_runtime(config.runtime.device, config.runtime.mixed_precision, config.runtime.devices)
+    # The UNet LoRA and its optimizer state are small: plain data parallel (ZeRO/FSDP are Qwen-VL's).
+    if getattr(config.runtime, "distributed", "ddp") != "ddp":
+        raise ConfigError(
+            f"sdxl-lora runs with runtime.distributed=ddp only, not {config.runtime.distributed!r}",
+            hint="remove runtime.distributed (or set it to ddp) for SDXL",
+        )
     accelerator = build_accelerator(runtime, config.train.grad_accum, output_dir)
     if accelerator.is_main_process:
         write_resolved_config(config, output_dir)
@@ -115,7 +122,11 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
         output_dir=output_dir,
         model_name=base_model,
     )
-    dataset = dataset_of(train_samples, train_plans, caption_options=caption_options(config.data))
+    # Noise and timesteps per sample from (seed, index, epoch): the same adapter on any process count.
+    dataset = PerSampleSeeds(
+        dataset_of(train_samples, train_plans, caption_options=caption_options(config.data)),
+        config.train.seed,
+    )
     validation_batches = None
     if validation_samples:
         validation_plans = plan_crops(validation_samples, config.data, config.train.seed)
@@ -139,7 +150,7 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     batch_sampler = GroupedBatchSampler(
         groups, batch_size=config.train.batch_size, seed=config.train.seed, shuffle=True, drop_last=False
     )
-    loop_settings = settings_from_config(config, batches_per_epoch=len(batch_sampler))
+    loop_settings = settings_from_config(config, len(batch_sampler), accelerator.num_processes)
     optim = config.optim
     optimizer = build_optimizer(
         optim.name,

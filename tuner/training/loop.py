@@ -14,10 +14,12 @@ the global RNGs in the main process, or from the sample index, never from worker
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,8 +34,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tuner.data.sampling import GroupedBatchSampler
+from tuner.distributed import describe_global_batch
 from tuner.errors import CheckpointError, DataError, TunerError
+from tuner.training.bad_data import DropUnreadable, SkippedLog, SkipUnreadable, UnreadableSample
 from tuner.training.checkpoints import (
+    checkpoint_name,
+    checkpoints_root,
     partial_checkpoints,
     prune_checkpoints,
     publish_checkpoint,
@@ -41,6 +47,7 @@ from tuner.training.checkpoints import (
     temporary_checkpoint_dir,
 )
 from tuner.training.metrics import MetricsLog, peak_memory_mb, plot_losses
+from tuner.training.signals import StopRequests, TrainingInterrupted
 
 if TYPE_CHECKING:
     from tuner.config.schema import RunConfig
@@ -100,6 +107,7 @@ class LoopState:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0  # per process, as the prepared data loader counts them
+    num_processes: int = 1  # batches_in_epoch and the saved RNG states are per process
     losses: list[tuple[int, float]] = field(default_factory=list)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
 
@@ -150,9 +158,9 @@ def run_training(
     main = accelerator.is_main_process
     accelerator.gradient_accumulation_steps = settings.grad_accum
     loader = torch.utils.data.DataLoader(
-        job.dataset,
+        SkipUnreadable(job.dataset),
         batch_sampler=_AnySizeBatches(job.batch_sampler),
-        collate_fn=job.collate_fn,
+        collate_fn=DropUnreadable(job.collate_fn),
         num_workers=job.num_workers,
         pin_memory=accelerator.device.type != "cpu",
         persistent_workers=job.num_workers > 0,
@@ -177,9 +185,17 @@ def run_training(
     if checkpoint is None:
         # Dropout and noise draws start from the run's seed, whatever building the model consumed.
         set_seed(settings.seed, device_specific=True)
-        state = LoopState()
+        state = LoopState(num_processes=accelerator.num_processes)
     else:
         state = _load_checkpoint(accelerator, checkpoint)  # restores the RNGs as they were at that step
+    accelerator.print(
+        describe_global_batch(
+            job.batch_sampler.batch_size,
+            accelerator.num_processes,
+            settings.grad_accum,
+            job.optimizer.param_groups[0]["lr"],
+        )
+    )
     unwrapped = accelerator.unwrap_model(model)
     ema = _ema_from(
         unwrapped, settings.ema_decay, checkpoint / EMA_WEIGHTS if checkpoint is not None else None
@@ -195,90 +211,127 @@ def run_training(
 
     batches = _batches_from(loader, job.batch_sampler, accelerator, state)
     window = _LogWindow(accelerator.device)
+    skipped_log = SkippedLog(output_dir)
     nonfinite_in_a_row = 0
-    while state.step < settings.max_steps and nonfinite_in_a_row < settings.max_nonfinite:
-        step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
-        while True:
-            batch = next(batches)
-            with accelerator.accumulate(model):
-                loss = job.loss_fn(model, batch)
-                accelerator.backward(loss)
-            step_loss += loss.detach().float()
-            micro_steps += 1
-            window.samples += (job.batch_size_of or _count_samples)(batch)
-            if accelerator.sync_gradients:
-                break
-        step_loss /= micro_steps
-        if micro_steps < settings.grad_accum:
-            # An epoch's last accumulation can be shorter; Accelerate 1.15 still divides each loss by
-            # grad_accum, which would give those batches less weight than all the others.
-            for param in trainable:
-                if param.grad is not None:
-                    param.grad.mul_(settings.grad_accum / micro_steps)
-        grad_norm = accelerator.clip_grad_norm_(trainable, settings.max_grad_norm or math.inf)
-        # The one host sync per optimizer step: a skipped step must be decided before it is taken.
-        loss_finite, norm_finite = _all_finite(accelerator, step_loss, grad_norm)
-        # Under fp16 the GradScaler skips steps with inf gradients itself and lowers its scale.
-        diverging = not loss_finite or (not norm_finite and accelerator.scaler is None)
-        if not diverging:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        progress.update(1)
-        if not diverging and not optimizer.step_was_skipped:
-            lr_scheduler.step()
-            _update_ema(ema, unwrapped, settings.ema_decay)
-            window.add(step_loss)
-        nonfinite_in_a_row = nonfinite_in_a_row + 1 if diverging else 0
+    stop_signal = None
+    saved_at = state.step if checkpoint is not None else None  # the step of the newest checkpoint
+    try:
+        with StopRequests() as stop_requests:
+            while state.step < settings.max_steps and nonfinite_in_a_row < settings.max_nonfinite:
+                step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
+                while True:
+                    batch, unreadable = next(batches)
+                    _log_unreadable(skipped_log, unreadable, state.step)
+                    with accelerator.accumulate(model):
+                        if batch is not None:
+                            loss = job.loss_fn(model, batch)
+                            accelerator.backward(loss)
+                    if batch is not None:
+                        step_loss += loss.detach().float()
+                        micro_steps += 1
+                        window.samples += (job.batch_size_of or _count_samples)(batch)
+                    if accelerator.sync_gradients:
+                        break
+                step_loss /= max(micro_steps, 1)
+                if 0 < micro_steps < settings.grad_accum:
+                    # An epoch's last accumulation can be shorter (or lose batches whose files all
+                    # became unreadable); Accelerate 1.15 still divides each loss by grad_accum,
+                    # which would give those batches less weight than all the others.
+                    for param in trainable:
+                        if param.grad is not None:
+                            param.grad.mul_(settings.grad_accum / micro_steps)
+                grad_norm = accelerator.clip_grad_norm_(trainable, settings.max_grad_norm or math.inf)
+                # The one host sync per optimizer step: a skipped step must be decided before it is taken.
+                loss_finite, norm_finite = _all_finite(accelerator, step_loss, grad_norm)
+                # Under fp16 the GradScaler skips steps with inf gradients itself and lowers its scale.
+                diverging = not loss_finite or (not norm_finite and accelerator.scaler is None)
+                took_step = not diverging and micro_steps > 0
+                if took_step:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                progress.update(1)
+                if took_step and not optimizer.step_was_skipped:
+                    lr_scheduler.step()
+                    _update_ema(ema, unwrapped, settings.ema_decay)
+                    window.add(step_loss)
+                nonfinite_in_a_row = nonfinite_in_a_row + 1 if diverging else 0
 
-        if state.step % settings.log_every == 0 or state.step == settings.max_steps:
-            mean_loss, samples_per_s = window.flush(accelerator)
-            if mean_loss is not None:
-                state.losses.append((state.step, mean_loss))
-            if main:
-                lr = lr_scheduler.get_last_lr()[0]
-                metrics.write(
-                    {
-                        "step": state.step,
-                        "epoch": round(state.epoch + state.batches_in_epoch / len(loader), 3),
-                        "loss": mean_loss,  # None when every step since the last record was skipped
-                        "lr": lr,
-                        "samples_per_s": samples_per_s,
-                        "peak_memory_mb": peak_memory_mb(accelerator.device),
-                    }
-                )
-                progress.set_postfix(
-                    loss=f"{mean_loss:.4g}" if mean_loss is not None else "-", lr=f"{lr:.3g}"
-                )
-        if job.validation_batches and settings.validate_every and state.step % settings.validate_every == 0:
-            _validate(job, model, accelerator, settings.seed, state, metrics)
-        if job.sample_fn and settings.sample_every and state.step % settings.sample_every == 0:
-            _sample(job.sample_fn, model, accelerator, state.step, output_dir)
-        if settings.checkpoint_every and state.step % settings.checkpoint_every == 0 and not diverging:
-            _save_checkpoint(accelerator, output_dir, state, ema, settings.keep_checkpoints)
-    progress.close()
+                if state.step % settings.log_every == 0 or state.step == settings.max_steps:
+                    mean_loss, samples_per_s = window.flush(accelerator)
+                    if mean_loss is not None:
+                        state.losses.append((state.step, mean_loss))
+                    if main:
+                        lr = lr_scheduler.get_last_lr()[0]
+                        metrics.write(
+                            {
+                                "step": state.step,
+                                "epoch": round(state.epoch + state.batches_in_epoch / len(loader), 3),
+                                "loss": mean_loss,  # None when every step since the last record was skipped
+                                "lr": lr,
+                                "samples_per_s": samples_per_s,
+                                "peak_memory_mb": peak_memory_mb(accelerator.device),
+                            }
+                        )
+                        progress.set_postfix(
+                            loss=f"{mean_loss:.4g}" if mean_loss is not None else "-", lr=f"{lr:.3g}"
+                        )
+                validate_now = settings.validate_every and state.step % settings.validate_every == 0
+                if job.validation_batches and validate_now:
+                    _validate(job, model, accelerator, settings.seed, state, metrics)
+                if job.sample_fn and settings.sample_every and state.step % settings.sample_every == 0:
+                    _sample(job.sample_fn, model, accelerator, state.step, output_dir)
+                if settings.checkpoint_every and state.step % settings.checkpoint_every == 0 and not diverging:
+                    _save_checkpoint(accelerator, output_dir, state, ema, settings.keep_checkpoints)
+                    saved_at = state.step
+                stop_signal = _agreed_stop(accelerator, stop_requests.requested)
+                if stop_signal is not None:
+                    break
+            stopped_early = nonfinite_in_a_row >= settings.max_nonfinite
+            if (stop_signal is not None or stopped_early) and saved_at != state.step:
+                # Non-finite steps change no weight, so after a divergence these are still the
+                # weights of the last finite step, unless a finite step itself produced NaNs.
+                if not stopped_early or _all_parameters_finite(accelerator, trainable):
+                    _save_checkpoint(accelerator, output_dir, state, ema, settings.keep_checkpoints)
+                    saved_at = state.step
+        if stop_signal is not None:
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(stop_signal).name} after step {state.step} of "
+                f"{settings.max_steps}; checkpoint saved in {checkpoints_root(output_dir)}",
+                hint="continue with the same command plus --resume latest",
+                signal_number=stop_signal,
+            )
 
-    stopped_early = nonfinite_in_a_row >= settings.max_nonfinite
-    if not stopped_early:
-        if job.validation_batches and not (
-            state.validation_losses and state.validation_losses[-1][0] == state.step
-        ):
-            _validate(job, model, accelerator, settings.seed, state, metrics)
-        if job.sample_fn and not (settings.sample_every and state.step % settings.sample_every == 0):
-            _sample(job.sample_fn, model, accelerator, state.step, output_dir)
-    if main:
-        metrics.close()
-        plot_losses(state.losses, state.validation_losses, output_dir / "loss.png")
-    for hook in hooks:
-        hook.remove()
+        if not stopped_early:
+            if job.validation_batches and not (
+                state.validation_losses and state.validation_losses[-1][0] == state.step
+            ):
+                _validate(job, model, accelerator, settings.seed, state, metrics)
+            if job.sample_fn and not (settings.sample_every and state.step % settings.sample_every == 0):
+                _sample(job.sample_fn, model, accelerator, state.step, output_dir)
+        if main:
+            plot_losses(state.losses, state.validation_losses, output_dir / "loss.png")
+    finally:
+        progress.close()
+        if main:
+            metrics.close()
+        for hook in hooks:
+            hook.remove()
     result = LoopResult(state.step, state.epoch, state.losses, state.validation_losses, ema, stopped_early)
     if stopped_early:
+        where = (
+            f"the checkpoint {checkpoints_root(output_dir) / checkpoint_name(saved_at)} holds the weights "
+            "from before the divergence"
+            if saved_at is not None
+            else "no checkpoint was written before it"
+        )
         raise NonFiniteLossError(
             f"training stopped at step {state.step}: the loss or gradient norm was NaN/inf for "
-            f"{settings.max_nonfinite} optimizer steps in a row. Likely causes: the SDXL VAE running in fp16 "
-            "(it overflows), a learning rate too high, or fp16 mixed precision on a model trained in bf16",
+            f"{settings.max_nonfinite} optimizer steps in a row; {where}. Likely causes: the SDXL VAE "
+            "running in fp16 (it overflows), a learning rate too high, or fp16 mixed precision on a "
+            "model trained in bf16",
             hint="lower optim.lr, use a fp16-safe VAE (model.vae) or runtime.mixed_precision=bf16/no, "
-            "then continue from the last good checkpoint with --resume latest",
+            "and train again; --max-nonfinite sets how many non-finite steps in a row stop a run",
             result=result,
         )
     return result
@@ -361,6 +414,26 @@ def _all_finite(accelerator: Accelerator, loss: torch.Tensor, grad_norm: torch.T
         grad_norm = torch.zeros((), device=loss.device)
     finite = torch.stack([loss.isfinite(), grad_norm.detach().to(loss.device).isfinite()]).float()
     return (accelerator.reduce(finite, "sum") == accelerator.num_processes).tolist()
+
+
+def _log_unreadable(log: SkippedLog, unreadable: list[UnreadableSample], step: int) -> None:
+    for sample in unreadable:
+        logger.warning("skipping sample %d: %s", sample.index, sample.why)
+        log.write({"when": "training", "step": step, "index": sample.index, "why": sample.why})
+
+
+def _agreed_stop(accelerator: Accelerator, requested: signal.Signals | None) -> int | None:
+    """The stop signal any process received (all processes stop at the same step), or None."""
+    if accelerator.num_processes == 1:
+        return int(requested) if requested is not None else None
+    flag = torch.tensor([int(requested or 0)], device=accelerator.device)
+    agreed = int(accelerator.gather(flag).max().item())
+    return agreed or None
+
+
+def _all_parameters_finite(accelerator: Accelerator, parameters: list[torch.nn.Parameter]) -> bool:
+    finite = torch.stack([p.detach().isfinite().all() for p in parameters]).all().float()
+    return bool(accelerator.reduce(finite, "sum").item() == accelerator.num_processes)
 
 
 def _count_samples(batch: Any) -> int:
@@ -492,18 +565,29 @@ def _save_checkpoint(
     keep: int,
 ) -> None:
     temporary = temporary_checkpoint_dir(output_dir, state.step)
-    if accelerator.is_main_process and temporary.exists():
-        shutil.rmtree(temporary)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))  # every process: each writes its own RNG state
-    accelerator.wait_for_everyone()
+    try:
+        if accelerator.is_main_process and temporary.exists():
+            shutil.rmtree(temporary)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary))  # every process: each writes its own RNG state
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (temporary / LOOP_STATE).write_text(json.dumps(asdict(state)))
+            if ema is not None:
+                save_file(
+                    {name: value.cpu().contiguous() for name, value in ema.items()}, temporary / EMA_WEIGHTS
+                )
+            publish_checkpoint(temporary, state.step)
+    except OSError as error:
+        # Older checkpoints are pruned only after a new one is published, so they are all still there.
+        shutil.rmtree(temporary, ignore_errors=True)
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise CheckpointError(
+            f"could not write the checkpoint {temporary}: {error.strerror or error}",
+            hint=("free disk space" if full else f"check that {output_dir} is writable")
+            + ", then continue with --resume latest (earlier checkpoints are intact)",
+        ) from error
     if accelerator.is_main_process:
-        (temporary / LOOP_STATE).write_text(json.dumps(asdict(state)))
-        if ema is not None:
-            save_file(
-                {name: value.cpu().contiguous() for name, value in ema.items()}, temporary / EMA_WEIGHTS
-            )
-        publish_checkpoint(temporary, state.step)
         for deleted in prune_checkpoints(output_dir, keep):
             logger.info("deleted old checkpoint %s", deleted)
     accelerator.wait_for_everyone()
@@ -511,8 +595,17 @@ def _save_checkpoint(
 
 def _load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> LoopState:
     """Model, optimizer, schedule, RNGs (Accelerate) and where the loop was (loop_state.json)."""
-    accelerator.load_state(str(checkpoint))
     saved = json.loads((checkpoint / LOOP_STATE).read_text())
+    saved_processes = saved.get("num_processes", 1)
+    if saved_processes != accelerator.num_processes:
+        # Each process saved its own RNG state and counted its own batches; another process count
+        # would replay a different data order and noise, so the run would not continue exactly.
+        raise CheckpointError(
+            f"{checkpoint} was saved by a run on {saved_processes} process(es); this run has "
+            f"{accelerator.num_processes}",
+            hint=f"resume with --num-processes {saved_processes}, or start a new output folder",
+        )
+    accelerator.load_state(str(checkpoint))
     saved["losses"] = [tuple(pair) for pair in saved["losses"]]
     saved["validation_losses"] = [tuple(pair) for pair in saved["validation_losses"]]
     logger.info("resumed from %s at step %d", checkpoint, saved["step"])
