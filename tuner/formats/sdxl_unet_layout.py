@@ -73,9 +73,13 @@ class UNetLayout:
                     self._add(f"up_blocks.{level}.attentions.{layer}", f"output_blocks.{index}.1")
                 if layer == level_layers - 1 and level < len(up_types) - 1:
                     position = 2 if has_attention else 1
-                    self._add(f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{index}.{position}.conv")
+                    self._add(
+                        f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{index}.{position}.conv"
+                    )
                 index += 1
-        self._to_diffusers = {original: (name, resnet) for name, (original, resnet) in self._to_original.items()}
+        self._to_diffusers = {
+            original: (name, resnet) for name, (original, resnet) in self._to_original.items()
+        }
 
     def _add(self, name: str, original: str, *, resnet: bool = False) -> None:
         self._to_original[name] = (original, resnet)
@@ -86,7 +90,9 @@ class UNetLayout:
 
     def to_diffusers(self, path: str) -> str:
         """The inverse of `to_original`."""
-        return _rename(path, self._to_diffusers, {original: name for name, original in _RESNET_LAYERS.items()})
+        return _rename(
+            path, self._to_diffusers, {original: name for name, original in _RESNET_LAYERS.items()}
+        )
 
 
 def _rename(path: str, prefixes: dict[str, tuple[str, bool]], resnet_layers: dict[str, str]) -> str:

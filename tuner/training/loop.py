@@ -281,19 +281,23 @@ def run_training(
                     _validate(job, model, accelerator, settings.seed, state, metrics)
                 if job.sample_fn and settings.sample_every and state.step % settings.sample_every == 0:
                     _sample(job.sample_fn, model, accelerator, state.step, output_dir)
-                if settings.checkpoint_every and state.step % settings.checkpoint_every == 0 and not diverging:
+                checkpoint_now = settings.checkpoint_every and state.step % settings.checkpoint_every == 0
+                if checkpoint_now and not diverging:
                     _save_checkpoint(accelerator, output_dir, state, ema, settings.keep_checkpoints)
                     saved_at = state.step
                 stop_signal = _agreed_stop(accelerator, stop_requests.requested)
                 if stop_signal is not None:
                     break
             stopped_early = nonfinite_in_a_row >= settings.max_nonfinite
-            if (stop_signal is not None or stopped_early) and saved_at != state.step:
-                # Non-finite steps change no weight, so after a divergence these are still the
-                # weights of the last finite step, unless a finite step itself produced NaNs.
-                if not stopped_early or _all_parameters_finite(accelerator, trainable):
-                    _save_checkpoint(accelerator, output_dir, state, ema, settings.keep_checkpoints)
-                    saved_at = state.step
+            # Non-finite steps change no weight, so after a divergence these are still the weights
+            # of the last finite step, unless a finite step itself produced NaNs.
+            if (
+                (stop_signal is not None or stopped_early)
+                and saved_at != state.step
+                and (not stopped_early or _all_parameters_finite(accelerator, trainable))
+            ):
+                _save_checkpoint(accelerator, output_dir, state, ema, settings.keep_checkpoints)
+                saved_at = state.step
         if stop_signal is not None:
             raise TrainingInterrupted(
                 f"stopped by {signal.Signals(stop_signal).name} after step {state.step} of "

@@ -68,12 +68,14 @@ def prepare_output_folder(
     if finished:
         raise ConfigError(
             f"{output_dir} already holds a finished run ({finished[0]})",
-            hint="choose another --output, pass --overwrite to replace it, or --resume latest to train it further",
+            hint="choose another --output, pass --overwrite to replace it, "
+            "or --resume latest (with a higher --max-steps) to train it further",
         )
     if checkpoints:
         raise CheckpointError(
             f"{output_dir} holds checkpoints of an unfinished run (newest: {checkpoints[-1].name})",
-            hint="pass --resume latest to continue it, --overwrite to start again, or choose another --output",
+            hint="pass --resume latest to continue it, --overwrite to start again, "
+            "or choose another --output",
         )
     return []
 
@@ -123,7 +125,9 @@ def changed_keys(saved: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
 
 
 def _safe_to_change(key: str) -> bool:
-    return any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in SAFE_TO_CHANGE_ON_RESUME)
+    return any(
+        key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in SAFE_TO_CHANGE_ON_RESUME
+    )
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
