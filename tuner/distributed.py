@@ -65,6 +65,7 @@ def relaunch_command(
     machine_rank: int = 0,
     main_process_ip: str | None = None,
     main_process_port: int = DEFAULT_PORT,
+    mixed_precision: str | None = None,
     python: str = sys.executable,
 ) -> list[str]:
     """`python -m accelerate.commands.launch ... -m tuner <tuner_args>` for `num_processes` per machine.
@@ -87,11 +88,15 @@ def relaunch_command(
         main_process_port=main_process_port,
         processes_per_machine=num_processes,
     )
-    command = accelerate_command(topology, tuner_args, device_type=device_type)
+    command = accelerate_command(
+        topology, tuner_args, device_type=device_type, mixed_precision=mixed_precision
+    )
     if device_type == "cpu" and num_processes * num_machines > 1:
         # accelerate 1.15 has no multi-CPU flag: --multi_gpu starts the processes, and
         # Accelerator(cpu=True) (tuner's build_accelerator on CPU) makes them join one gloo group.
         command.insert(command.index("-m"), "--multi_gpu")
+    # Said explicitly so accelerate does not warn that it fell back to its defaults for them.
+    command.insert(command.index("-m"), "--dynamo_backend=no")
     return [python, "-m", "accelerate.commands.launch", *command[2:]]
 
 
@@ -145,6 +150,12 @@ def build_distributed_accelerator(
         )
     if strategy == "ddp":
         return build_accelerator(runtime, grad_accum, project_dir)
+    if runtime.device_type == "cpu":
+        # Accelerate 1.15 ignores both plugins with cpu=True and runs plain DDP: say so instead.
+        raise ConfigError(
+            f"runtime.distributed={strategy} shards the model across CUDA or NPU devices; this run is on CPU",
+            hint="use runtime.distributed=ddp on CPU",
+        )
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
 
@@ -219,8 +230,8 @@ def deepspeed_config(
     }
 
 
-def gathered_state_dict(accelerator: accelerate.Accelerator, model: torch.nn.Module) -> dict | None:
-    """The full state dict of a prepared model, for saving under ZeRO-3 / FSDP.
+def gathered_state_dict(accelerator: accelerate.Accelerator) -> dict | None:
+    """The full state dict of the model the loop prepared, for saving under ZeRO-3 / FSDP.
 
     Every process must call it (the shards are gathered with collectives); only the main process
     gets the tensors, the others None. Under DDP or a single process nothing needs gathering: None
@@ -230,7 +241,10 @@ def gathered_state_dict(accelerator: accelerate.Accelerator, model: torch.nn.Mod
 
     if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         return None
-    state_dict = accelerator.get_state_dict(model)
+    # Accelerate 1.15 keeps what prepare() returned (the DeepSpeed engine, the FSDP wrapper) in
+    # _models; get_state_dict needs that object, not the unwrapped model the recipe holds.
+    prepared = accelerator._models[-1]
+    state_dict = accelerator.get_state_dict(prepared)
     return state_dict if accelerator.is_main_process else None
 
 

@@ -1,8 +1,9 @@
-"""Merging a Qwen-VL adapter: same model without PEFT, processor kept, scale honoured, refusals write nothing."""
+"""Qwen-VL merge: same model without PEFT, processor kept, scale honoured, no half-written output."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +77,9 @@ def test_merged_model_loads_without_peft_and_matches_base_plus_adapter(tiny_mode
             assert not torch.allclose(peft_model(**inputs).logits, expected, atol=1e-3)
         torch.testing.assert_close(merged_logits, expected, rtol=1e-4, atol=1e-4)
         greedy = {"max_new_tokens": 8, "do_sample": False}
-        torch.testing.assert_close(merged.generate(**inputs, **greedy), peft_model.generate(**inputs, **greedy))
+        torch.testing.assert_close(
+            merged.generate(**inputs, **greedy), peft_model.generate(**inputs, **greedy)
+        )
 
 
 def test_processor_and_chat_template_survive_the_merge(tiny_model, tmp_path, qwen25_adapter):
@@ -101,14 +104,20 @@ def test_processor_and_chat_template_survive_the_merge(tiny_model, tmp_path, qwe
 def test_scale_half_merges_half_the_delta(tiny_model, tmp_path, qwen25_adapter):
     adapter_dir, _ = qwen25_adapter
     base = load_file(str(tiny_model("qwen2.5-vl") / "model.safetensors"))
-    full = load_file(str(merge_qwenvl_adapter("tiny-qwen2.5-vl", adapter_dir, tmp_path / "full") / "model.safetensors"))
+    full = load_file(
+        str(merge_qwenvl_adapter("tiny-qwen2.5-vl", adapter_dir, tmp_path / "full") / "model.safetensors")
+    )
     half = load_file(
-        str(merge_qwenvl_adapter("tiny-qwen2.5-vl", adapter_dir, tmp_path / "half", scale=0.5) / "model.safetensors")
+        str(
+            merge_qwenvl_adapter("tiny-qwen2.5-vl", adapter_dir, tmp_path / "half", scale=0.5)
+            / "model.safetensors"
+        )
     )
 
     changed = [key for key in base if not torch.equal(full[key], base[key])]
-    assert any(".language_model." in key for key in changed)
-    assert any(".visual.merger." in key for key in changed)
+    # Saved in the original Qwen checkpoint layout (`model.layers.N`, `visual.merger`) serving stacks read.
+    assert any(key.startswith("model.layers.") for key in changed)
+    assert any(key.startswith("visual.merger.") for key in changed)
     for key in base:
         torch.testing.assert_close(half[key] - base[key], 0.5 * (full[key] - base[key]), rtol=1e-4, atol=1e-6)
 
@@ -142,9 +151,7 @@ def test_interrupted_merge_leaves_no_output_folder(tmp_path, qwen25_adapter, mon
     adapter_dir, _ = qwen25_adapter
 
     def save_half_then_fail(self, folder, *args, **kwargs):
-        (folder if not isinstance(folder, str) else __import__("pathlib").Path(folder)).joinpath(
-            "model.safetensors"
-        ).write_bytes(b"partial")
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
         raise OSError("No space left on device")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_half_then_fail)

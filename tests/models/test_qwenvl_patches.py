@@ -147,3 +147,18 @@ def test_reference_ops_match_the_model_formulas():
     q, cos, sin = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
     rotated = torch.cat((-q[:, 2:], q[:, :2]), -1)
     torch.testing.assert_close(ops.rotary_mul(q, cos, sin), q * cos + rotated * sin)
+
+
+def test_fast_paths_follow_the_model_options(tiny_model):
+    from types import SimpleNamespace
+
+    from tuner.errors import ConfigError
+    from tuner.models.qwenvl_patches import apply_fast_paths
+
+    model = load_tiny(tiny_model, "qwen2-vl")
+    apply_fast_paths(model, "qwen2_vl", "cpu", SimpleNamespace(linear_patch_embed=False))
+    assert isinstance(model.model.visual.patch_embed.proj, torch.nn.Conv3d)
+    apply_fast_paths(model, "qwen2_vl", "cpu", SimpleNamespace())
+    assert isinstance(model.model.visual.patch_embed.proj, LinearPatchEmbedding)
+    with pytest.raises(ConfigError, match="npu_fused_kernels"):
+        apply_fast_paths(model, "qwen2_vl", "cpu", SimpleNamespace(npu_fused_kernels=True))

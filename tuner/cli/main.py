@@ -21,7 +21,11 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 from tuner import __version__
 from tuner.cli import options
+from tuner.cli.convert import convert_command
 from tuner.cli.data import data_app
+from tuner.cli.infer import infer_app
+from tuner.cli.merge import merge_command
+from tuner.cli.selftest import selftest_command
 from tuner.cli.train import train_app
 from tuner.errors import TunerError
 
@@ -37,6 +41,10 @@ presets_app = typer.Typer(help="List and show the built-in presets.", no_args_is
 app.add_typer(presets_app, name="presets")
 app.add_typer(train_app, name="train")
 app.add_typer(data_app, name="data")
+app.add_typer(infer_app, name="infer")
+app.command("merge")(merge_command)
+app.command("convert")(convert_command)
+app.command("selftest")(selftest_command)
 
 _verbose = False
 

@@ -37,6 +37,32 @@ ImageRoot = Annotated[str | None, typer.Option("--image-root", help="Folder imag
 MaxPixels = Annotated[int | None, typer.Option("--max-pixels", help="Upper bound of pixels per image.")]
 MinPixels = Annotated[int | None, typer.Option("--min-pixels", help="Lower bound of pixels per image.")]
 MaxLength = Annotated[int | None, typer.Option("--max-length", help="Longest sample in tokens.")]
+Distributed = Annotated[
+    str | None,
+    typer.Option(
+        "--distributed",
+        help="How processes share the model: ddp (copies), zero2/zero3 (DeepSpeed), fsdp.",
+    ),
+]
+NumProcesses = Annotated[
+    int | None,
+    typer.Option(
+        "--num-processes",
+        min=1,
+        help="Processes per machine (one per device); above 1 the run restarts itself through "
+        "`accelerate launch`.",
+    ),
+]
+NumMachines = Annotated[int | None, typer.Option("--num-machines", min=1, help="Machines in the run.")]
+MachineRank = Annotated[
+    int | None, typer.Option("--machine-rank", min=0, help="This machine's index, 0 on the main one.")
+]
+MainProcessIp = Annotated[
+    str | None, typer.Option("--main-process-ip", help="Address of machine 0 (multi-machine runs).")
+]
+MainProcessPort = Annotated[
+    int | None, typer.Option("--main-process-port", help="Port on machine 0 (multi-machine runs).")
+]
 Targets = Annotated[
     str | None, typer.Option("--targets", help="LoRA targets: llm, vision, merger (comma-separated).")
 ]
@@ -79,6 +105,11 @@ def sdxl_lora(
     offline: options.Offline = None,
     hub: options.Hub = None,
     insecure_skip_tls_verify: options.InsecureSkipTlsVerify = None,
+    num_processes: NumProcesses = None,
+    num_machines: NumMachines = None,
+    machine_rank: MachineRank = None,
+    main_process_ip: MainProcessIp = None,
+    main_process_port: MainProcessPort = None,
 ) -> None:
     """Train an SDXL LoRA on image-caption pairs (kohya folders, metadata.jsonl/csv, HF datasets)."""
     flags = _common_flags(locals()) | {
@@ -92,6 +123,7 @@ def sdxl_lora(
         "train.cache_dir": cache_dir,
     }
     config_obj = _build(task="sdxl-lora", preset=preset, config_file=config, flags=flags, overrides=set_)
+    _relaunch_if_asked(config_obj, locals())
 
     from tuner.recipes.sdxl import train_sdxl_lora
 
@@ -128,11 +160,17 @@ def qwenvl_lora(
     overwrite: options.Overwrite = None,
     allow_pickle: options.AllowPickle = None,
     trust_remote_code: options.TrustRemoteCode = None,
+    distributed: Distributed = None,
     ca_bundle: options.CaBundle = None,
     hf_endpoint: options.HfEndpoint = None,
     offline: options.Offline = None,
     hub: options.Hub = None,
     insecure_skip_tls_verify: options.InsecureSkipTlsVerify = None,
+    num_processes: NumProcesses = None,
+    num_machines: NumMachines = None,
+    machine_rank: MachineRank = None,
+    main_process_ip: MainProcessIp = None,
+    main_process_port: MainProcessPort = None,
 ) -> None:
     """Train a Qwen2-VL / Qwen2.5-VL / Qwen3-VL LoRA on image question-answer conversations."""
     flags = _common_flags(locals()) | {
@@ -141,9 +179,11 @@ def qwenvl_lora(
         "data.min_pixels": min_pixels,
         "data.max_length": max_length,
         "model.trust_remote_code": trust_remote_code,
+        "runtime.distributed": distributed,
         "lora.targets": [t.strip() for t in targets.split(",") if t.strip()] if targets else None,
     }
     config_obj = _build(task="qwenvl-lora", preset=preset, config_file=config, flags=flags, overrides=set_)
+    _relaunch_if_asked(config_obj, locals())
 
     from tuner.recipes.qwenvl import train_qwenvl_lora
 
@@ -210,5 +250,36 @@ def _build(
     return config
 
 
+def _relaunch_if_asked(config: RunConfig, arguments: dict[str, Any]) -> None:
+    """With --num-processes/--num-machines above 1, replace this process by `accelerate launch` of the
+    same command (without those flags); inside a launched process, do nothing."""
+    import os
+
+    from tuner.distributed import already_launched, relaunch_command, strip_launch_flags
+    from tuner.launch import DEFAULT_PORT, format_command
+    from tuner.runtime import resolve_runtime
+
+    num_processes, num_machines = arguments["num_processes"] or 1, arguments["num_machines"] or 1
+    if num_processes * num_machines == 1 or already_launched():
+        return
+    runtime = config.runtime
+    resolved = resolve_runtime(runtime.device, runtime.mixed_precision, runtime.devices)
+    command = relaunch_command(
+        strip_launch_flags(sys.argv[1:]),
+        num_processes=num_processes,
+        device_type=resolved.device_type,
+        mixed_precision=resolved.mixed_precision,
+        num_machines=num_machines,
+        machine_rank=arguments["machine_rank"] or 0,
+        main_process_ip=arguments["main_process_ip"],
+        main_process_port=arguments["main_process_port"] or DEFAULT_PORT,
+    )
+    print(f"launch: {format_command({}, command)}", flush=True)
+    os.execv(command[0], command)
+
+
 def _report_done(output_dir: Path) -> None:
-    print(f"\nDone. Everything is in {output_dir}/")
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+        print(f"\nDone. Everything is in {output_dir}/")

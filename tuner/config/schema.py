@@ -132,6 +132,9 @@ class RuntimeConfig(Section):
     # Comma-separated device indices; mapped to ASCEND_RT_VISIBLE_DEVICES or CUDA_VISIBLE_DEVICES.
     devices: str | None = None
     mixed_precision: MixedPrecision = "auto"
+    # How processes share the model: `ddp` (a copy each), `zero2`/`zero3` (DeepSpeed, optional extra),
+    # `fsdp`. Qwen-VL only; sdxl-lora refuses anything but ddp. See docs/ascend.md.
+    distributed: Literal["ddp", "zero2", "zero3", "fsdp"] = "ddp"
     compile: bool = False
     num_threads: int | None = Field(None, ge=1)
 

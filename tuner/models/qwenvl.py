@@ -230,9 +230,16 @@ def enable_gradient_checkpointing(model: PreTrainedModel | PeftModel) -> None:
 
 
 def save_adapter(
-    peft_model: PeftModel, output_dir: str | Path, processor: ProcessorMixin, metadata: Mapping[str, Any]
+    peft_model: PeftModel,
+    output_dir: str | Path,
+    processor: ProcessorMixin,
+    metadata: Mapping[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a standard PEFT adapter, the processor (chat template included) and `tuner_adapter.json`.
+
+    `state_dict`: the model's full weights gathered from ZeRO-3/FSDP shards (see
+    `tuner.distributed.gathered_state_dict`); None saves `peft_model`'s own weights.
 
     `metadata` should name `base_model` (recorded as the adapter's `base_model_name_or_path` too) and
     `family`; tuner, transformers and peft versions are added here.
@@ -249,7 +256,7 @@ def save_adapter(
         for config in peft_model.peft_config.values():
             config.base_model_name_or_path = str(metadata["base_model"])
     # Embeddings are never adapted or resized here; "auto" would ask the hub whether the vocabulary changed.
-    peft_model.save_pretrained(str(output_dir), save_embedding_layers=False)
+    peft_model.save_pretrained(str(output_dir), save_embedding_layers=False, state_dict=state_dict)
     processor.save_pretrained(str(output_dir))
     record = {
         **metadata,

@@ -103,7 +103,8 @@ def check_adapter_family(adapter_dir: str | Path, family: str, base: str) -> Non
         raise ModelError(
             f"adapter {adapter_dir} was trained on a {recorded} model ({record.get('base_model', '?')}) "
             f"but {base} is a {family} model",
-            hint=f"use the base model it was trained on: {record.get('base_model', 'see tuner_adapter.json')}",
+            hint="use the base model it was trained on: "
+            + str(record.get("base_model", "see tuner_adapter.json")),
         )
 
 
@@ -118,7 +119,7 @@ def check_adapter_shapes(base_model: torch.nn.Module, adapter_dir: str | Path) -
         return
     modules = dict(base_model.named_modules())
     with safe_open(str(weights_file), framework="pt") as weights:
-        for key in weights.keys():
+        for key in weights.keys():  # noqa: SIM118 - safe_open is not a dict
             # PEFT saves `base_model.model.<module>.lora_A.weight` (the adapter name removed).
             module_name, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
             module = modules.get(module_name)
@@ -276,7 +277,8 @@ def _checked_conversations(data: str | Path, image_root: str | Path | None) -> l
         shown = "\n".join(f"  {problem}" for problem in scan.problems[:PROBLEMS_SHOWN])
         more = len(scan.problems) - PROBLEMS_SHOWN
         raise DataError(
-            f"{len(scan.problems)} problem(s) in {data}:\n{shown}" + (f"\n  ... and {more} more" if more > 0 else ""),
+            f"{len(scan.problems)} problem(s) in {data}:\n{shown}"
+            + (f"\n  ... and {more} more" if more > 0 else ""),
             hint=f"run `tuner data check qwenvl {data}` and fix the records listed",
         )
     return scan.conversations

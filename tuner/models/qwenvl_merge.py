@@ -71,7 +71,7 @@ def merge_qwenvl_adapter(
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelError(
             f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)",
-            hint="pass the training output folder that holds adapter_config.json and adapter_model.safetensors",
+            hint="pass the training output folder (it holds adapter_config.json and the adapter weights)",
         )
     _refuse_existing_output(output, overwrite)
 
@@ -169,4 +169,7 @@ def _write_atomically(
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(replaced, ignore_errors=True)
+        if replaced.is_dir():
+            shutil.rmtree(replaced, ignore_errors=True)
+        elif replaced.exists():
+            replaced.unlink()

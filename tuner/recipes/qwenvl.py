@@ -17,11 +17,12 @@ from __future__ import annotations
 import functools
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from PIL import Image
 
 from tuner.config.load import write_resolved_config
 from tuner.config.schema import RunConfig
@@ -36,6 +37,7 @@ from tuner.data.vl_encoding import (
     set_pixel_bounds,
     token_length,
 )
+from tuner.distributed import build_distributed_accelerator, gathered_state_dict
 from tuner.errors import ConfigError, DataError
 from tuner.models.qwenvl import (
     add_lora,
@@ -45,7 +47,7 @@ from tuner.models.qwenvl import (
     save_adapter,
 )
 from tuner.models.qwenvl_patches import apply_fast_paths
-from tuner.runtime.device import build_accelerator, resolve_runtime
+from tuner.runtime.device import resolve_runtime
 from tuner.runtime.hub import resolve_model_source
 from tuner.tiny import build_tiny, resolve_tiny_alias
 from tuner.tiny.datasets import resolve_tiny_dataset
@@ -73,7 +75,15 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
     model_path, base_model = resolve_base_model(config)
 
     runtime = resolve_runtime(config.runtime.device, config.runtime.mixed_precision, config.runtime.devices)
-    accelerator = build_accelerator(runtime, config.train.grad_accum, output_dir)
+    strategy = config.runtime.distributed
+    accelerator = build_distributed_accelerator(
+        runtime,
+        config.train.grad_accum,
+        output_dir,
+        strategy=strategy,
+        per_device_batch=config.train.batch_size,
+        max_grad_norm=config.optim.max_grad_norm,
+    )
     if accelerator.is_main_process:
         write_resolved_config(config, output_dir)
 
@@ -128,13 +138,17 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
 
     job = TrainingJob(
         model=peft_model,
-        loss_fn=causal_lm_loss,
+        loss_fn=functools.partial(causal_lm_loss, dummy_image=dummy_image_inputs(processor)),
         dataset=dataset,
         batch_sampler=batch_sampler,
         collate_fn=collate,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        sample_fn=functools.partial(
+        # The loop samples on the main process alone; with sharded weights (ZeRO-3, FSDP) generating
+        # would need every process to gather them, so those runs write no sample answers.
+        sample_fn=None
+        if strategy in ("zero3", "fsdp")
+        else functools.partial(
             write_sample_answers, peft_model, processor, train_conversations[:SAMPLE_PROMPTS], accelerator
         ),
         validation_batches=validation_batches,
@@ -144,8 +158,11 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
     run_training(job, settings, accelerator, output_dir, resume)
 
     accelerator.wait_for_everyone()
+    # Under ZeRO-3/FSDP each process holds a shard: every process takes part in gathering the weights.
+    full_weights = gathered_state_dict(accelerator)
     if accelerator.is_main_process:
-        save_adapter(peft_model, output_dir, processor, {"base_model": base_model, "family": family})
+        metadata = {"base_model": base_model, "family": family}
+        save_adapter(peft_model, output_dir, processor, metadata, state_dict=full_weights)
     return output_dir
 
 
@@ -281,9 +298,44 @@ def validation_batches_of(
     return [collate(samples[start : start + batch_size]) for start in range(0, len(samples), batch_size)]
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """The model's own shifted cross-entropy, averaged over the batch's supervised tokens."""
-    return model(**batch, use_cache=False).loss
+def causal_lm_loss(model: torch.nn.Module, batch: dict, dummy_image: dict | None = None) -> torch.Tensor:
+    """The model's own shifted cross-entropy, averaged over the batch's supervised tokens.
+
+    A batch without images skips the vision tower. In a multi-process run another process's batch may
+    have one, and then the processes disagree on which weights take part in the step: DDP waits forever
+    for the vision LoRA gradients, ZeRO-3/FSDP for the vision weights' all-gather. So a text-only batch
+    also runs `dummy_image` (see `dummy_image_inputs`) through the vision tower, times zero: every
+    process runs the same modules, and the loss and gradients do not change.
+    """
+    loss = model(**batch, use_cache=False).loss
+    if dummy_image is not None and "pixel_values" not in batch:
+        # DDP / DeepSpeed wrap the PEFT model in `.module`; PEFT forwards the call to the base model.
+        inner = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
+        device = batch["input_ids"].device
+        features = inner.get_image_features(
+            pixel_values=dummy_image["pixel_values"].to(device),
+            image_grid_thw=dummy_image["image_grid_thw"].to(device),
+        )
+        loss = loss + 0.0 * sum(tensor.float().sum() for tensor in _float_tensors(features))
+    return loss
+
+
+def dummy_image_inputs(processor) -> dict[str, torch.Tensor]:
+    """Vision-tower inputs (`pixel_values`, `image_grid_thw`) of the smallest image the processor makes."""
+    # Any size: the processor scales it up to its min_pixels bound.
+    inputs = processor.image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+    return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
+
+
+def _float_tensors(value: object) -> Iterator[torch.Tensor]:
+    """Every float tensor in a model output: Qwen3-VL returns DeepStack features beside the merged image
+    embeddings, each from its own (possibly trainable) merger."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            yield value
+    elif isinstance(value, Mapping | list | tuple):
+        for item in value.values() if isinstance(value, Mapping) else value:
+            yield from _float_tensors(item)
 
 
 def write_sample_answers(

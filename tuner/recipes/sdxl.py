@@ -69,7 +69,7 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
 
     runtime = resolve_runtime(config.runtime.device, config.runtime.mixed_precision, config.runtime.devices)
     # The UNet LoRA and its optimizer state are small: plain data parallel (ZeRO/FSDP are Qwen-VL's).
-    if getattr(config.runtime, "distributed", "ddp") != "ddp":
+    if config.runtime.distributed != "ddp":
         raise ConfigError(
             f"sdxl-lora runs with runtime.distributed=ddp only, not {config.runtime.distributed!r}",
             hint="remove runtime.distributed (or set it to ddp) for SDXL",
@@ -186,7 +186,13 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         metadata = adapter_metadata(config, base_model, train_samples, result.step)
-        save_adapters(components, output_dir, ADAPTER_FILE, metadata)
+        adapter_file = save_adapters(components, output_dir, ADAPTER_FILE, metadata)
+        if config.output.save_format in ("kohya", "both"):
+            from tuner.formats.kohya import export_kohya
+
+            export_kohya(adapter_file, output_dir / f"{output_dir.name}_kohya.safetensors")
+            if config.output.save_format == "kohya":
+                adapter_file.unlink()
         if result.ema_state:
             with parameters_replaced(accelerator.unwrap_model(model), result.ema_state):
                 save_adapters(

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import SAFE_MODEL_NAME, send_to_device, set_seed
+from accelerate.utils import SAFE_MODEL_NAME, DistributedType, send_to_device, set_seed
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -533,6 +533,10 @@ def _checkpoint_trainable_weights_only(accelerator: Accelerator) -> list:
     The frozen base is reloaded from the model on resume; saving it would cost gigabytes per SDXL
     checkpoint, and safetensors refuses the tied embeddings of some Qwen-VL models.
     """
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        # Accelerate 1.15 hands these to DeepSpeed's / FSDP's own sharded save and load (each process
+        # writes its shard), passes the hooks no state dicts, and would not read model.safetensors.
+        return []
 
     def keep_trainable(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
         for model, state_dict in zip(models, weights, strict=True):

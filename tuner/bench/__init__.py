@@ -1,0 +1,1 @@
+"""Benchmarks of tuner's trainers against reference algorithms; `scripts/bench.py` runs them."""
