@@ -36,7 +36,7 @@ def test_presets_show_prints_the_resolved_preset(capsys):
 
 
 def test_unknown_preset_is_two_lines_and_exit_2(capsys):
-    code, out, err = run_cli(capsys, "presets", "show", "tiny-gpu")
+    code, _, err = run_cli(capsys, "presets", "show", "tiny-gpu")
     assert code == 2
     assert err.splitlines() == [
         "error: unknown preset 'tiny-gpu'",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
@@ -21,7 +21,7 @@ import tuner
 from tuner.errors import ConfigError
 from tuner.formats.kohya import resolve_adapter_file
 from tuner.models.sdxl import SDXLComponents, load_sdxl
-from tuner.models.sdxl_sampling import decode_latents, image_grid
+from tuner.models.sdxl_sampling import build_pipeline, decode_latents, image_grid
 from tuner.runtime.hub import resolve_model_source
 from tuner.tiny import build_tiny, resolve_tiny_alias
 
@@ -54,22 +54,6 @@ def resolve_sdxl_model(name_or_path: str, source: str = "huggingface", offline: 
     if tiny is not None:
         return str(build_tiny(tiny))
     return resolve_model_source(name_or_path, source, offline)
-
-
-def build_pipeline(components: SDXLComponents) -> StableDiffusionXLPipeline:
-    """A pipeline around loaded components, sampling with Euler as SDXL base ships (and training samples)."""
-    pipeline = StableDiffusionXLPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        text_encoder_2=components.text_encoder_2,
-        tokenizer=components.tokenizer,
-        tokenizer_2=components.tokenizer_2,
-        unet=components.unet,
-        scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config),
-        add_watermarker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def load_adapters(pipeline: StableDiffusionXLPipeline, adapters: list[Adapter]) -> list[str]:

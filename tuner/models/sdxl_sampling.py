@@ -17,6 +17,22 @@ from PIL import Image
 from tuner.models.sdxl import SDXLComponents
 
 
+def build_pipeline(components: SDXLComponents) -> StableDiffusionXLPipeline:
+    """A pipeline around loaded components, sampling with Euler as SDXL base ships."""
+    pipeline = StableDiffusionXLPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        text_encoder_2=components.text_encoder_2,
+        tokenizer=components.tokenizer,
+        tokenizer_2=components.tokenizer_2,
+        unet=components.unet,
+        scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config),
+        add_watermarker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 def sample_images(
     components: SDXLComponents,
     prompts: list[str],
@@ -34,17 +50,7 @@ def sample_images(
     keeps them off the accelerator); the UNet is put in eval mode (no LoRA dropout) and restored.
     """
     width, height = size
-    pipeline = StableDiffusionXLPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        text_encoder_2=components.text_encoder_2,
-        tokenizer=components.tokenizer,
-        tokenizer_2=components.tokenizer_2,
-        unet=components.unet,
-        scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config),
-        add_watermarker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = build_pipeline(components)
     images = []
     with _on_device(components, device), _eval_mode(components.unet), torch.no_grad():
         for prompt in prompts:
