@@ -144,9 +144,11 @@ def test_prompt_and_data_together_are_refused(capsys, adapter, tmp_path):
     assert code == 2 and "either --prompt or --data" in err
 
 
-def test_negative_temperature_is_refused(adapter):
+def test_max_pixels_bounds_the_images_and_negative_temperature_is_refused(adapter, images):
     adapter_dir, _, _ = adapter
-    answerer = load_answerer("tiny-qwen2.5-vl", resolve_runtime("cpu"), adapter_dir)
+    answerer = load_answerer("tiny-qwen2.5-vl", resolve_runtime("cpu"), adapter_dir, max_pixels=56 * 56)
+    inputs = answerer.processor(text=["<|image_pad|>"], images=[Image.open(images[0])], return_tensors="pt")
+    assert int(inputs["image_grid_thw"].prod()) * 14 * 14 <= 56 * 56  # 56x84 would need 4x6 patches
     with pytest.raises(ConfigError, match="temperature"):
         generate_answer(answerer, prompt_messages("Hi?", 0), temperature=-0.5)
 

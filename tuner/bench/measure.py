@@ -193,3 +193,29 @@ class TimedLoss:
             self._counter.__exit__(None, None, None)
             self.flops = float(self._counter.get_total_flops())
             self._counter = None
+
+
+def environment_description(device: torch.device) -> dict[str, str]:
+    """Device, thread count and library versions, recorded with every figure."""
+    import platform
+
+    import diffusers
+    import peft
+    import transformers
+
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    elif device.type == "npu":
+        device_name = torch.npu.get_device_name(device)  # type: ignore[attr-defined]
+    else:
+        device_name = f"{platform.processor() or platform.machine()} CPU, {psutil.cpu_count()} cores"
+    return {
+        "device": device_name,
+        "torch_threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }

@@ -34,6 +34,7 @@ from tuner.models.qwenvl import (
 from tuner.runtime.device import Runtime
 from tuner.runtime.hub import resolve_model_source
 from tuner.tiny import build_tiny, resolve_tiny_alias
+from tuner.tiny.datasets import resolve_tiny_dataset
 
 TASK = "qwenvl-lora"
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -253,7 +254,7 @@ def answer_dataset(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.0,
 ) -> int:
-    """Answer every conversation of a training-format dataset; returns the number of records written.
+    """Answer every conversation of a training-format dataset (`tiny`: the generated one); returns the count.
 
     The prompt is the conversation up to its last assistant turn and the reference is that turn. Each
     line of `out` (JSONL) holds `source`, `question` (the last user turn's text), `reference` and
@@ -272,6 +273,7 @@ def answer_dataset(
 
 
 def _checked_conversations(data: str | Path, image_root: str | Path | None) -> list[Conversation]:
+    data = resolve_tiny_dataset(str(data), TASK)
     scan = load_conversations(data, image_root, check_images=True)
     if scan.problems:
         shown = "\n".join(f"  {problem}" for problem in scan.problems[:PROBLEMS_SHOWN])

@@ -99,6 +99,9 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     parameter_groups = setup_lora(components, config.lora, config.optim.lr)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(components, config.lora.text_encoder)
+    if config.runtime.compile:
+        # In place (nn.Module.compile), so parameter names, LoRA saving and EMA see the plain UNet.
+        components.unet.compile()
     settings = noise_settings(
         components.noise_scheduler,
         prediction_type=config.train.prediction_type,
