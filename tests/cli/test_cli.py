@@ -4,20 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from tuner.cli.main import main
+from cli_runner import run_cli
 
 TUNER = Path(sys.executable).with_name("tuner")
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_help_lists_the_command_tree(capsys):
@@ -49,14 +38,22 @@ def test_unknown_preset_is_two_lines_and_exit_2(capsys):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", "o", "--set", "train.batchsize=2"],
-         "unknown config key 'train.batchsize'"),
-        (["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", "o", "--batch-size", "two"],
-         "Invalid value for '--batch-size'"),
-        (["train", "qwenvl-lora", "--preset", "tiny-cpu", "--output", "o", "--mixed-precision", "fp8"],
-         "runtime.mixed_precision"),
-        (["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", "o", "--config", "missing.yaml"],
-         "config file missing.yaml does not exist"),
+        (
+            ["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", "o", "--set", "train.batchsize=2"],
+            "unknown config key 'train.batchsize'",
+        ),
+        (
+            ["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", "o", "--batch-size", "two"],
+            "Invalid value for '--batch-size'",
+        ),
+        (
+            ["train", "qwenvl-lora", "--preset", "tiny-cpu", "--output", "o", "--mixed-precision", "fp8"],
+            "runtime.mixed_precision",
+        ),
+        (
+            ["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", "o", "--config", "missing.yaml"],
+            "config file missing.yaml does not exist",
+        ),
         (["train", "sdxl-lora", "--preset", "tiny-cpu"], "no output folder given"),
         (["train", "sdxl-lora", "--preset", "qwen2.5-vl-7b-910b", "--output", "o"], "the config is for task"),
         (["presets", "show", "tiny-cpu", "--bogus"], "No such option: --bogus"),
@@ -80,7 +77,11 @@ def test_console_script_runs_in_a_real_subprocess():
     result = subprocess.run([str(TUNER), "presets", "list"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "tiny-cpu" in result.stdout and "sdxl-910b" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "tuner", "presets", "show", "nope"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "tuner", "presets", "show", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown preset 'nope'")

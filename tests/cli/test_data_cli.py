@@ -3,19 +3,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cli_runner import run_cli
 from PIL import Image
-
-from tuner.cli.main import main
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def captioned_folder(folder: Path, sizes: dict[str, tuple[int, int]]) -> Path:

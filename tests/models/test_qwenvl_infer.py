@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
+from cli_runner import run_cli
 from PIL import Image
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from tuner.cli.main import main
 from tuner.errors import ConfigError, ModelError
 from tuner.models.qwenvl import add_lora, load_qwenvl, lora_target_modules, save_adapter
 from tuner.models.qwenvl_infer import (
@@ -58,16 +58,6 @@ def reference_answer(peft_model, processor, messages: list[dict], image_paths) -
     with torch.no_grad():
         generated = peft_model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     return processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_infer_prints_the_greedy_answer_of_base_plus_adapter(capsys, adapter, images):
