@@ -168,7 +168,7 @@ class TimedLoss:
     def __init__(
         self,
         clock: StepClock,
-        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+        loss_fn: Callable[..., torch.Tensor],
         samples_of: Callable[[Any], int],
         flops_step: int | None = None,
     ) -> None:
@@ -179,14 +179,14 @@ class TimedLoss:
         self.flops: float | None = None
         self._counter: FlopCounterMode | None = None
 
-    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, batch: Any, **options: Any) -> torch.Tensor:
         self.stop_counting()
         step = len(self.clock.step_starts)
         self.clock.tick(self.samples_of(batch))
         if step == self.flops_step:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
-        return self.loss_fn(model, batch)
+        return self.loss_fn(model, batch, **options)
 
     def stop_counting(self) -> None:
         if self._counter is not None:

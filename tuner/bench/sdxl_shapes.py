@@ -57,7 +57,6 @@ _TEXT_SMALL = (
 )
 _VAE_BLOCKS = {"small": (32, 64, 128, 128), "full": (128, 256, 512, 512)}
 CLIP_VOCAB = 49408
-COLOURS = ((220, 40, 40), (40, 80, 220), (40, 180, 60), (230, 200, 40), (150, 60, 180))
 SHAPES = ("square", "circle", "triangle")
 
 
@@ -114,7 +113,9 @@ def write_captioned_images(folder: Path, count: int, resolution: int, seed: int 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for index in range(count):
-        colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
+        # A colour of its own per image: the recipe refuses duplicate images.
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        shape = rng.choice(SHAPES)
         draw_shape(colour, shape, resolution, resolution).save(folder / f"{index:05d}.png")
         caption = f"a {shape} in colour {colour}, plain background, sample {index}"
         (folder / f"{index:05d}.txt").write_text(caption + "\n", encoding="utf-8")

@@ -66,6 +66,18 @@ MainProcessPort = Annotated[
 Targets = Annotated[
     str | None, typer.Option("--targets", help="LoRA targets: llm, vision, merger (comma-separated).")
 ]
+SkipBad = Annotated[
+    bool | None,
+    typer.Option("--skip-bad", help="Train without bad samples (listed in OUTPUT/skipped.jsonl)."),
+]
+MaxBadFraction = Annotated[
+    float | None,
+    typer.Option("--max-bad-fraction", help="With --skip-bad, stop anyway above this share (default 0.05)."),
+]
+MaxNonfinite = Annotated[
+    int | None,
+    typer.Option("--max-nonfinite", help="Stop after this many NaN/inf steps in a row (default 5)."),
+]
 
 
 @train_app.command("sdxl-lora")
@@ -99,6 +111,9 @@ def sdxl_lora(
     caption_prefix: CaptionPrefix = None,
     cache_dir: CacheDir = None,
     overwrite: options.Overwrite = None,
+    skip_bad: SkipBad = None,
+    max_bad_fraction: MaxBadFraction = None,
+    max_nonfinite: MaxNonfinite = None,
     allow_pickle: options.AllowPickle = None,
     ca_bundle: options.CaBundle = None,
     hf_endpoint: options.HfEndpoint = None,
@@ -158,6 +173,9 @@ def qwenvl_lora(
     keep_checkpoints: options.KeepCheckpoints = None,
     resume: options.Resume = None,
     overwrite: options.Overwrite = None,
+    skip_bad: SkipBad = None,
+    max_bad_fraction: MaxBadFraction = None,
+    max_nonfinite: MaxNonfinite = None,
     allow_pickle: options.AllowPickle = None,
     trust_remote_code: options.TrustRemoteCode = None,
     distributed: Distributed = None,
@@ -209,6 +227,9 @@ _COMMON_FLAG_KEYS = {
     "checkpoint_every": "output.checkpoint_every",
     "keep_checkpoints": "output.keep_checkpoints",
     "overwrite": "output.overwrite",
+    "skip_bad": "data.skip_bad",
+    "max_bad_fraction": "data.max_bad_fraction",
+    "max_nonfinite": "train.max_nonfinite",
     "allow_pickle": "model.allow_pickle",
     "ca_bundle": "hub.ca_bundle",
     "hf_endpoint": "hub.endpoint",

@@ -26,6 +26,7 @@ from PIL import Image
 
 from tuner.config.load import write_resolved_config
 from tuner.config.schema import RunConfig
+from tuner.data.check import DataReport
 from tuner.data.conversations import Conversation, load_conversations
 from tuner.data.images import load_image_rgb
 from tuner.data.problems import Problem
@@ -51,8 +52,10 @@ from tuner.runtime.device import resolve_runtime
 from tuner.runtime.hub import resolve_model_source
 from tuner.tiny import build_tiny, resolve_tiny_alias
 from tuner.tiny.datasets import resolve_tiny_dataset
+from tuner.training.bad_data import admit_dataset
 from tuner.training.loop import TrainingJob, run_training, settings_from_config
 from tuner.training.optim import build_lr_scheduler, build_optimizer
+from tuner.training.outputs import prepare_output_folder
 
 TASK = "qwenvl-lora"
 DEFAULT_TARGETS = ("llm",)
@@ -71,6 +74,12 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
             "qwenvl-lora needs output.dir and data.path", hint="pass --output DIR and --data PATH"
         )
     output_dir = Path(config.output.dir)
+    for note in prepare_output_folder(
+        output_dir, config.model_dump(mode="json"), resume, config.output.overwrite
+    ):
+        print(note)
+    # The data is checked before any model loads: a refusal costs seconds, not a model load.
+    conversations = load_training_conversations(config)
     set_seed(config.train.seed)
     model_path, base_model = resolve_base_model(config)
 
@@ -87,7 +96,6 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
     if accelerator.is_main_process:
         write_resolved_config(config, output_dir)
 
-    conversations = load_training_conversations(config)
     model, processor, family = load_qwenvl(
         model_path,
         dtype=runtime.compute_dtype,
@@ -182,21 +190,8 @@ def load_training_conversations(config: RunConfig) -> list[Conversation]:
     data = config.data
     path = resolve_tiny_dataset(data.path, TASK)
     scan = load_conversations(path, data.image_root, check_images=True)
-    if not scan.conversations:
-        raise DataError(
-            f"no usable conversations in {path}:\n{describe_problems(scan.problems)}",
-            hint=f"run `tuner data check qwenvl {path}` and fix the records listed",
-        )
-    if scan.problems:
-        bad_fraction = len(scan.problems) / (len(scan.problems) + len(scan.conversations))
-        if not data.skip_bad or bad_fraction > data.max_bad_fraction:
-            raise DataError(
-                f"{len(scan.problems)} problem(s) in {path}:\n{describe_problems(scan.problems)}",
-                hint=f"fix them (`tuner data check qwenvl {path}` lists all), or set data.skip_bad to train "
-                f"without them (allowed while at most {data.max_bad_fraction:.0%} of records are bad)",
-            )
-        print(f"warning: skipping {len(scan.problems)} bad record(s) in {path}:")
-        print(describe_problems(scan.problems))
+    report = DataReport("qwenvl", str(path), len(scan.conversations), scan.problems, stats={}, histogram="")
+    admit_dataset(report, Path(config.output.dir), data.skip_bad, data.max_bad_fraction)
     return scan.conversations
 
 

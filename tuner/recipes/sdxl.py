@@ -27,10 +27,11 @@ from tuner.config.load import write_resolved_config
 from tuner.config.schema import DataConfig, LoraConfig, RunConfig
 from tuner.data.buckets import CropPlan, bucket_histogram, nearest_bucket, plan_crop, sdxl_buckets
 from tuner.data.captions import CaptionedImage, scan_caption_dataset
+from tuner.data.check import DataReport
 from tuner.data.problems import Problem
 from tuner.data.sampling import GroupedBatchSampler
 from tuner.distributed import PerSampleSeeds
-from tuner.errors import ConfigError, DataError
+from tuner.errors import ConfigError
 from tuner.models.sdxl import SDXLComponents, load_sdxl
 from tuner.models.sdxl_cache import build_sdxl_dataset, collate_sdxl, model_fingerprint
 from tuner.models.sdxl_lora import (
@@ -48,8 +49,10 @@ from tuner.runtime.device import build_accelerator, configure_unet_attention, re
 from tuner.runtime.hub import resolve_model_source
 from tuner.tiny import build_tiny, resolve_tiny_alias
 from tuner.tiny.datasets import resolve_tiny_dataset
+from tuner.training.bad_data import admit_dataset
 from tuner.training.loop import TrainingJob, run_training, settings_from_config
 from tuner.training.optim import build_lr_scheduler, build_optimizer
+from tuner.training.outputs import prepare_output_folder
 
 TASK = "sdxl-lora"
 PROBLEMS_SHOWN = 20
@@ -64,6 +67,12 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
             "sdxl-lora needs output.dir and data.path", hint="pass --output DIR and --data PATH"
         )
     output_dir = Path(config.output.dir)
+    for note in prepare_output_folder(
+        output_dir, config.model_dump(mode="json"), resume, config.output.overwrite
+    ):
+        print(note)
+    # The data is checked before any model loads: a refusal costs seconds, not a model load.
+    samples = load_training_samples(config)
     set_seed(config.train.seed)
     model_path, base_model = resolve_base_model(config)
 
@@ -78,7 +87,6 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     if accelerator.is_main_process:
         write_resolved_config(config, output_dir)
 
-    samples = load_training_samples(config)
     train_samples, validation_samples = split_validation(
         samples, config.data.validation_fraction, config.train.seed
     )
@@ -229,11 +237,8 @@ def load_training_samples(config: RunConfig) -> list[CaptionedImage]:
     scan = scan_caption_dataset(
         path, data.image_column, data.caption_column, check_images=True, max_pixels=data.max_image_pixels
     )
-    if scan.problems:
-        raise DataError(
-            f"{len(scan.problems)} problem(s) in {path}:\n{describe_problems(scan.problems)}",
-            hint=f"fix them (`tuner data check sdxl {path}` lists all)",
-        )
+    report = DataReport("sdxl", str(path), len(scan.samples), scan.problems, stats={}, histogram="")
+    admit_dataset(report, Path(config.output.dir), data.skip_bad, data.max_bad_fraction)
     return scan.samples
 
 

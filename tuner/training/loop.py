@@ -215,6 +215,7 @@ def run_training(
     nonfinite_in_a_row = 0
     stop_signal = None
     saved_at = state.step if checkpoint is not None else None  # the step of the newest checkpoint
+    last_finite_step = state.step
     try:
         with StopRequests() as stop_requests:
             while state.step < settings.max_steps and nonfinite_in_a_row < settings.max_nonfinite:
@@ -256,6 +257,7 @@ def run_training(
                     _update_ema(ema, unwrapped, settings.ema_decay)
                     window.add(step_loss)
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if diverging else 0
+                last_finite_step = state.step if not diverging else last_finite_step
 
                 if state.step % settings.log_every == 0 or state.step == settings.max_steps:
                     mean_loss, samples_per_s = window.flush(accelerator)
@@ -290,12 +292,14 @@ def run_training(
                     break
             stopped_early = nonfinite_in_a_row >= settings.max_nonfinite
             # Non-finite steps change no weight, so after a divergence these are still the weights
-            # of the last finite step, unless a finite step itself produced NaNs.
-            if (
-                (stop_signal is not None or stopped_early)
-                and saved_at != state.step
-                and (not stopped_early or _all_parameters_finite(accelerator, trainable))
-            ):
+            # of the last finite step (unless a finite step itself produced NaNs): a checkpoint is
+            # written only when none holds them yet.
+            diverged_unsaved = (
+                stopped_early
+                and (saved_at is None or saved_at < last_finite_step)
+                and _all_parameters_finite(accelerator, trainable)
+            )
+            if (stop_signal is not None and saved_at != state.step) or diverged_unsaved:
                 _save_checkpoint(accelerator, output_dir, state, ema, settings.keep_checkpoints)
                 saved_at = state.step
         if stop_signal is not None:
