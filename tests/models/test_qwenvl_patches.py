@@ -150,15 +150,14 @@ def test_reference_ops_match_the_model_formulas():
 
 
 def test_fast_paths_follow_the_model_options(tiny_model):
-    from types import SimpleNamespace
-
+    from tuner.config.schema import ModelConfig
     from tuner.errors import ConfigError
     from tuner.models.qwenvl_patches import apply_fast_paths
 
     model = load_tiny(tiny_model, "qwen2-vl")
-    apply_fast_paths(model, "qwen2_vl", "cpu", SimpleNamespace(linear_patch_embed=False))
+    apply_fast_paths(model, "qwen2_vl", "cpu", ModelConfig(linear_patch_embed=False))
     assert isinstance(model.model.visual.patch_embed.proj, torch.nn.Conv3d)
-    apply_fast_paths(model, "qwen2_vl", "cpu", SimpleNamespace())
+    apply_fast_paths(model, "qwen2_vl", "cpu", ModelConfig())
     assert isinstance(model.model.visual.patch_embed.proj, LinearPatchEmbedding)
     with pytest.raises(ConfigError, match="npu_fused_kernels"):
-        apply_fast_paths(model, "qwen2_vl", "cpu", SimpleNamespace(npu_fused_kernels=True))
+        apply_fast_paths(model, "qwen2_vl", "cpu", ModelConfig(npu_fused_kernels=True))

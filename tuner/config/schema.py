@@ -33,6 +33,12 @@ class ModelConfig(Section):
     allow_pickle: bool = False
     # Attention kernel: `sdpa` everywhere, `flash_attention_2` on CUDA when installed, `eager` to debug.
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # Qwen-VL fast paths (tuner.models.qwenvl_patches): the vision patch embedding as the identical
+    # Linear (Conv3d is slow and lacks bf16 kernels on older CANN); torch_npu's fused RMSNorm/rotary/
+    # SwiGLU (NPU only, opt-in); Liger kernels on CUDA when installed (opt-in).
+    linear_patch_embed: bool = True
+    npu_fused_kernels: bool = False
+    liger_kernels: bool = False
 
 
 class DataConfig(Section):

@@ -16,11 +16,11 @@ import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from tuner.config.schema import ModelConfig
 from tuner.errors import ConfigError
 
 _LIGER_PATCHES = {
@@ -244,22 +244,24 @@ def apply_liger_kernels(model: torch.nn.Module, family: str) -> bool:
     return True
 
 
-def apply_fast_paths(model: torch.nn.Module, family: str, device_type: str, model_options: Any) -> None:
+def apply_fast_paths(
+    model: torch.nn.Module, family: str, device_type: str, model_options: ModelConfig
+) -> None:
     """The load-time patches `model_options` (the run's `model` section) asks for, before LoRA is added.
 
     Keys: `linear_patch_embed` (default on), `npu_fused_kernels` (default off; NPU runs only) and
     `liger_kernels` (default off; CUDA runs with liger_kernel installed).
     """
-    if getattr(model_options, "linear_patch_embed", True):
+    if model_options.linear_patch_embed:
         linear_patch_embed(model)
-    if getattr(model_options, "npu_fused_kernels", False):
+    if model_options.npu_fused_kernels:
         if device_type != "npu":
             raise ConfigError(
                 f"model.npu_fused_kernels needs an Ascend NPU; this run is on {device_type}",
                 hint="set model.npu_fused_kernels=false",
             )
         apply_npu_fused_kernels(model)
-    wants_liger = getattr(model_options, "liger_kernels", False)
+    wants_liger = model_options.liger_kernels
     if wants_liger and (device_type != "cuda" or not apply_liger_kernels(model, family)):
         raise ConfigError(
             f"model.liger_kernels needs CUDA and the liger-kernel package (this run: {device_type})",
