@@ -71,9 +71,6 @@ def test_single_file_merge_loads_with_from_single_file(tiny_model, adapters, tmp
 
     from tuner.tiny import sdxl as tiny_sdxl
 
-    # diffusers tells the two CLIP encoders of a single file apart by width; the stock tiny model has
-    # both at 32, so this one widens the second (the real SDXL has 768 and 1280).
-    monkeypatch.setattr(tiny_sdxl, "TEXT_ENCODER_2_HIDDEN", 48)
     base = tmp_path / "base"
     tiny_sdxl.build(base)
     adapter = write_adapter(base, tmp_path / "adapter", alpha=3.0, text_encoder=True).parent
@@ -94,7 +91,7 @@ def test_single_file_merge_loads_with_from_single_file(tiny_model, adapters, tmp
 def test_adapter_for_another_architecture_is_refused_before_writing(tiny_model, tmp_path, monkeypatch):
     from tuner.tiny import sdxl as tiny_sdxl
 
-    monkeypatch.setattr(tiny_sdxl, "TEXT_ENCODER_2_HIDDEN", 48)
+    monkeypatch.setattr(tiny_sdxl, "TEXT_ENCODER_2_HIDDEN", 64)
     other = tmp_path / "other"
     tiny_sdxl.build(other)
     adapter = write_adapter(other, tmp_path / "adapter", base_model="other").parent

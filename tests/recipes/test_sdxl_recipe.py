@@ -3,6 +3,7 @@ plain diffusers loads, the resolved config, metrics, a loss plot and sample grid
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -135,3 +136,66 @@ def test_ema_weights_are_swapped_in_only_inside_the_block() -> None:
     with parameters_replaced(model, {"weight": torch.zeros(2, 2)}):
         assert torch.equal(model.weight, torch.zeros(2, 2))
     assert torch.equal(model.weight, original)
+
+
+def _write_layout(layout: str, source: Path, target: Path) -> Path:
+    """The caption folder rewritten as a metadata.jsonl / metadata.csv folder or a saved HF dataset."""
+    images = sorted(source.glob("*.png"))
+    captions = [image.with_suffix(".txt").read_text(encoding="utf-8") for image in images]
+    target.mkdir()
+    if layout == "hf-dataset":
+        import datasets
+
+        rows = {"image": [Image.open(image) for image in images], "text": captions}
+        features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(target))
+        return target
+    for image in images:
+        (target / image.name).write_bytes(image.read_bytes())
+    if layout == "metadata-jsonl":
+        lines = [json.dumps({"file_name": i.name, "text": c}) for i, c in zip(images, captions, strict=True)]
+        (target / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    else:
+        with open(target / "metadata.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file_name", "text"])
+            writer.writerows(
+                [image.name, caption.strip()] for image, caption in zip(images, captions, strict=True)
+            )
+    return target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["metadata-jsonl", "metadata-csv", "hf-dataset"])
+def test_each_dataset_layout_trains(caption_folder: Path, tmp_path: Path, layout: str) -> None:
+    data = _write_layout(layout, caption_folder, tmp_path / layout)
+    output = train_sdxl_lora(
+        _config(data, tmp_path / "run", train={"max_steps": 2}, output={"sample_every": 0, "sample_steps": 1})
+    )
+    assert (output / "pytorch_lora_weights.safetensors").is_file()
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
+@pytest.mark.slow
+def test_trains_from_a_single_file_checkpoint(caption_folder: Path, tmp_path: Path) -> None:
+    from tuner.formats.sdxl_single_file import save_sdxl_single_file
+
+    tiny = build_tiny("sdxl")
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny)
+    checkpoint = tmp_path / "tiny-sdxl.safetensors"
+    save_sdxl_single_file(
+        checkpoint, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2
+    )
+    config = _config(
+        caption_folder,
+        tmp_path / "run",
+        model={"name_or_path": str(checkpoint), "single_file_config": str(tiny)},
+        train={"max_steps": 2},
+        output={"sample_every": 0, "sample_steps": 1},
+    )
+    output = train_sdxl_lora(config)
+    # The adapter trained on the single file loads onto the folder model it was exported from.
+    folder_pipeline = StableDiffusionXLPipeline.from_pretrained(tiny)
+    folder_pipeline.load_lora_weights(output)
+    assert any("lora" in name for name, _ in folder_pipeline.unet.named_parameters())

@@ -29,6 +29,9 @@ class ModelConfig(Section):
     vae: str | None = None
     # Set when the supplied VAE is known not to overflow in half precision; otherwise the VAE runs fp32.
     vae_half_precision_safe: bool = False
+    # A single-file SDXL checkpoint carries weights only: the diffusers folder or hub ID whose layout it
+    # follows (diffusers fetches SDXL base's config when this is unset, which offline runs cannot).
+    single_file_config: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
     # Attention kernel: `sdpa` everywhere, `flash_attention_2` on CUDA when installed, `eager` to debug.

@@ -102,6 +102,7 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
         weight_dtype=runtime.compute_dtype,
         allow_pickle=model_config.allow_pickle,
         vae_half_precision_safe=model_config.vae_half_precision_safe,
+        single_file_config=model_config.single_file_config,
     )
     configure_unet_attention(components.unet, runtime)
     parameter_groups = setup_lora(components, config.lora, config.optim.lr)

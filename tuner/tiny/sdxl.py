@@ -15,11 +15,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from tuner.tiny.bpe import clip_style_bpe
 
 # Bump when the saved model changes, so cached folders from an older builder are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 SEED = 0
 
 TEXT_ENCODER_HIDDEN = 32
-TEXT_ENCODER_2_HIDDEN = 32
+# Wider than the first encoder, as in SDXL (768 vs 1280): single-file loaders tell them apart by width.
+TEXT_ENCODER_2_HIDDEN = 48
 TEXT_ENCODER_2_PROJECTION = 32
 ADDITION_TIME_EMBED_DIM = 8
 # One 64 px image is 8x8 latents after the VAE's three 2x downsamplings.
