@@ -11,10 +11,9 @@ from safetensors import safe_open
 
 from tuner.config.schema import RunConfig
 from tuner.data.conversations import Conversation
-from tuner.data.problems import Problem
 from tuner.errors import DataError
 from tuner.models.qwenvl import load_adapter_checked, load_qwenvl
-from tuner.recipes.qwenvl import describe_problems, drop_overlong, length_groups, train_qwenvl_lora
+from tuner.recipes.qwenvl import drop_overlong, length_groups, train_qwenvl_lora
 
 
 def conversation(index: int) -> Conversation:
@@ -36,15 +35,6 @@ def test_drop_overlong_counts_and_refuses_when_nothing_fits(capsys):
     assert "dropped 1 of 3" in capsys.readouterr().out
     with pytest.raises(DataError, match="all 3 conversations are longer"):
         drop_overlong(conversations, [60, 90, 70], max_length=50, overlength="drop")
-
-
-def test_describe_problems_shows_the_first_twenty_and_counts():
-    problems = [
-        Problem("train.jsonl", "missing-image", "image gone", "restore it", record=i) for i in range(25)
-    ]
-    text = describe_problems([*problems, Problem("train.jsonl", "malformed-line", "bad", "fix", record=99)])
-    assert "train.jsonl:19: image gone" in text and "train.jsonl:20:" not in text
-    assert "and 6 more" in text and "malformed-line 1, missing-image 25" in text
 
 
 @pytest.mark.slow

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Hashable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+from tuner.errors import ConfigError
+
+T = TypeVar("T")
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -63,3 +69,21 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
     def partial_groups(self) -> dict[Hashable, int]:
         """Group -> size for groups smaller than batch_size (dropped entirely when drop_last)."""
         return {group: len(m) for group, m in self._members.items() if len(m) < self.batch_size}
+
+
+def split_validation(samples: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """A seeded random `fraction` of the samples held out for validation (at least one if asked)."""
+    if fraction <= 0:
+        return samples, []
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[: max(1, round(fraction * len(samples)))])
+    if len(held_out) >= len(samples):
+        raise ConfigError(
+            f"data.validation_fraction {fraction} leaves no training samples out of {len(samples)}",
+            hint="lower data.validation_fraction or add samples",
+        )
+    return (
+        [sample for index, sample in enumerate(samples) if index not in held_out],
+        [sample for index, sample in enumerate(samples) if index in held_out],
+    )

@@ -32,8 +32,7 @@ from tuner.models.qwenvl import (
     read_config_dict,
 )
 from tuner.runtime.device import Runtime
-from tuner.runtime.hub import resolve_model_source
-from tuner.tiny import build_tiny, resolve_tiny_alias
+from tuner.tiny import resolve_model_path
 from tuner.tiny.datasets import resolve_tiny_dataset
 
 TASK = "qwenvl-lora"
@@ -59,10 +58,7 @@ def resolve_qwenvl_model(
     name_or_path: str, source: str = "huggingface", offline: bool = False, revision: str | None = None
 ) -> str:
     """Where to load a Qwen-VL model from: a built tiny model for `tiny`/`tiny-<name>`, else the hub/local."""
-    tiny = resolve_tiny_alias(name_or_path, TASK)
-    if tiny is not None:
-        return str(build_tiny(tiny))
-    return resolve_model_source(name_or_path, source, offline, revision)
+    return resolve_model_path(name_or_path, TASK, source, offline, revision)
 
 
 def read_adapter_record(adapter_dir: str | Path) -> dict[str, Any]:

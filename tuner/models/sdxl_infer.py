@@ -22,8 +22,7 @@ from tuner.errors import ConfigError
 from tuner.formats.kohya import resolve_adapter_file
 from tuner.models.sdxl import SDXLComponents, load_sdxl
 from tuner.models.sdxl_sampling import build_pipeline, decode_latents, image_grid
-from tuner.runtime.hub import resolve_model_source
-from tuner.tiny import build_tiny, resolve_tiny_alias
+from tuner.tiny import resolve_model_path
 
 TASK = "sdxl-lora"
 LABEL_HEIGHT = 16
@@ -50,10 +49,7 @@ class GenerationSettings:
 
 def resolve_sdxl_model(name_or_path: str, source: str = "huggingface", offline: bool = False) -> str:
     """Where to load `name_or_path` from: the tiny model for `tiny`/`tiny-sdxl`, else a folder or hub ID."""
-    tiny = resolve_tiny_alias(name_or_path, TASK)
-    if tiny is not None:
-        return str(build_tiny(tiny))
-    return resolve_model_source(name_or_path, source, offline)
+    return resolve_model_path(name_or_path, TASK, source, offline)
 
 
 def load_adapters(pipeline: StableDiffusionXLPipeline, adapters: list[Adapter]) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import random
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -29,8 +28,7 @@ from tuner.config.schema import RunConfig
 from tuner.data.check import DataReport
 from tuner.data.conversations import Conversation, load_conversations
 from tuner.data.images import load_image_rgb
-from tuner.data.problems import Problem
-from tuner.data.sampling import GroupedBatchSampler
+from tuner.data.sampling import GroupedBatchSampler, split_validation
 from tuner.data.vl_encoding import (
     EncodedSample,
     collate_vl,
@@ -49,8 +47,7 @@ from tuner.models.qwenvl import (
 )
 from tuner.models.qwenvl_patches import apply_fast_paths
 from tuner.runtime.device import resolve_runtime
-from tuner.runtime.hub import resolve_model_source
-from tuner.tiny import build_tiny, resolve_tiny_alias
+from tuner.tiny import resolve_model_path, resolve_tiny_alias
 from tuner.tiny.datasets import resolve_tiny_dataset
 from tuner.training.bad_data import admit_dataset
 from tuner.training.loop import TrainingJob, run_training, settings_from_config
@@ -64,7 +61,6 @@ SAMPLE_MAX_NEW_TOKENS = 24
 # Samples per length group: neighbours in token length share batches, so padding stays small while
 # the order of batches is still shuffled.
 LENGTH_GROUP_BATCHES = 8
-PROBLEMS_SHOWN = 20
 
 
 def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
@@ -179,10 +175,9 @@ def resolve_base_model(config: RunConfig) -> tuple[str, str]:
     requested = config.model.name_or_path
     tiny = resolve_tiny_alias(requested, TASK)
     if tiny is not None:
-        return str(build_tiny(tiny)), f"tiny-{tiny}"
+        return resolve_model_path(requested, TASK), f"tiny-{tiny}"
     hub = config.hub
-    source = resolve_model_source(requested, hub.source, hub.offline, config.model.revision)
-    return source, requested
+    return resolve_model_path(requested, TASK, hub.source, hub.offline, config.model.revision), requested
 
 
 def load_training_conversations(config: RunConfig) -> list[Conversation]:
@@ -193,36 +188,6 @@ def load_training_conversations(config: RunConfig) -> list[Conversation]:
     report = DataReport("qwenvl", str(path), len(scan.conversations), scan.problems, stats={}, histogram="")
     admit_dataset(report, Path(config.output.dir), data.skip_bad, data.max_bad_fraction)
     return scan.conversations
-
-
-def describe_problems(problems: Sequence[Problem]) -> str:
-    """The first problems, one per line, then the count of each kind."""
-    lines = [f"  {problem}" for problem in problems[:PROBLEMS_SHOWN]]
-    if len(problems) > PROBLEMS_SHOWN:
-        lines.append(f"  ... and {len(problems) - PROBLEMS_SHOWN} more")
-    counts: dict[str, int] = {}
-    for problem in problems:
-        counts[problem.kind] = counts.get(problem.kind, 0) + 1
-    lines.append("  counts: " + ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items())))
-    return "\n".join(lines)
-
-
-def split_validation(
-    conversations: list[Conversation], fraction: float, seed: int
-) -> tuple[list[Conversation], list[Conversation]]:
-    """A seeded random `fraction` of the conversations held out for validation (at least one if asked)."""
-    if fraction <= 0:
-        return conversations, []
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    held_out = set(order[: max(1, round(fraction * len(conversations)))])
-    if len(held_out) >= len(conversations):
-        raise ConfigError(
-            f"data.validation_fraction {fraction} leaves no training samples out of {len(conversations)}",
-            hint="lower data.validation_fraction or add samples",
-        )
-    train = [c for index, c in enumerate(conversations) if index not in held_out]
-    return train, [c for index, c in enumerate(conversations) if index in held_out]
 
 
 def drop_overlong(

@@ -28,8 +28,7 @@ from tuner.config.schema import DataConfig, LoraConfig, RunConfig
 from tuner.data.buckets import CropPlan, bucket_histogram, nearest_bucket, plan_crop, sdxl_buckets
 from tuner.data.captions import CaptionedImage, scan_caption_dataset
 from tuner.data.check import DataReport
-from tuner.data.problems import Problem
-from tuner.data.sampling import GroupedBatchSampler
+from tuner.data.sampling import GroupedBatchSampler, split_validation
 from tuner.distributed import PerSampleSeeds
 from tuner.errors import ConfigError
 from tuner.models.sdxl import SDXLComponents, load_sdxl
@@ -46,8 +45,7 @@ from tuner.models.sdxl_lora import (
 from tuner.models.sdxl_loss import SDXLLoraModel, noise_settings
 from tuner.models.sdxl_sampling import sample_images
 from tuner.runtime.device import build_accelerator, configure_unet_attention, resolve_runtime
-from tuner.runtime.hub import resolve_model_source
-from tuner.tiny import build_tiny, resolve_tiny_alias
+from tuner.tiny import resolve_model_path, resolve_tiny_alias
 from tuner.tiny.datasets import resolve_tiny_dataset
 from tuner.training.bad_data import admit_dataset
 from tuner.training.loop import TrainingJob, run_training, settings_from_config
@@ -55,7 +53,6 @@ from tuner.training.optim import build_lr_scheduler, build_optimizer
 from tuner.training.outputs import prepare_output_folder
 
 TASK = "sdxl-lora"
-PROBLEMS_SHOWN = 20
 # Without sample prompts, the first few distinct training captions are sampled.
 DEFAULT_SAMPLE_PROMPTS = 2
 
@@ -226,9 +223,9 @@ def resolve_base_model(config: RunConfig) -> tuple[str, str]:
     requested = config.model.name_or_path
     tiny = resolve_tiny_alias(requested, TASK)
     if tiny is not None:
-        return str(build_tiny(tiny)), f"tiny-{tiny}"
+        return resolve_model_path(requested, TASK), f"tiny-{tiny}"
     hub = config.hub
-    return resolve_model_source(requested, hub.source, hub.offline, config.model.revision), requested
+    return resolve_model_path(requested, TASK, hub.source, hub.offline, config.model.revision), requested
 
 
 def load_training_samples(config: RunConfig) -> list[CaptionedImage]:
@@ -241,33 +238,6 @@ def load_training_samples(config: RunConfig) -> list[CaptionedImage]:
     report = DataReport("sdxl", str(path), len(scan.samples), scan.problems, stats={}, histogram="")
     admit_dataset(report, Path(config.output.dir), data.skip_bad, data.max_bad_fraction)
     return scan.samples
-
-
-def describe_problems(problems: Sequence[Problem]) -> str:
-    lines = [f"  {problem}" for problem in problems[:PROBLEMS_SHOWN]]
-    if len(problems) > PROBLEMS_SHOWN:
-        lines.append(f"  ... and {len(problems) - PROBLEMS_SHOWN} more")
-    return "\n".join(lines)
-
-
-def split_validation(
-    samples: list[CaptionedImage], fraction: float, seed: int
-) -> tuple[list[CaptionedImage], list[CaptionedImage]]:
-    """A seeded random `fraction` of the samples held out for validation (at least one if asked)."""
-    if fraction <= 0:
-        return samples, []
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
-    held_out = set(order[: max(1, round(fraction * len(samples)))])
-    if len(held_out) >= len(samples):
-        raise ConfigError(
-            f"data.validation_fraction {fraction} leaves no training images out of {len(samples)}",
-            hint="lower data.validation_fraction or add images",
-        )
-    return (
-        [sample for index, sample in enumerate(samples) if index not in held_out],
-        [sample for index, sample in enumerate(samples) if index in held_out],
-    )
 
 
 def plan_crops(samples: Sequence[CaptionedImage], data: DataConfig, seed: int) -> list[CropPlan]:

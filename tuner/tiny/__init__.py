@@ -90,3 +90,19 @@ def _lock(path: Path) -> Iterator[None]:
         return
     with FileLock(str(path)):
         yield
+
+
+def resolve_model_path(
+    name_or_path: str,
+    task: str,
+    source: str = "huggingface",
+    offline: bool = False,
+    revision: str | None = None,
+) -> str:
+    """Where to load a model from: the built tiny model for `tiny`/`tiny-<name>`, else a folder or hub ID."""
+    tiny = resolve_tiny_alias(name_or_path, task)
+    if tiny is not None:
+        return str(build_tiny(tiny))
+    from tuner.runtime.hub import resolve_model_source
+
+    return resolve_model_source(name_or_path, source, offline, revision)
