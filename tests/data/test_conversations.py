@@ -227,3 +227,44 @@ def test_missing_path_and_empty_data_raise(tmp_path: Path) -> None:
     (tmp_path / "folder").mkdir()
     with pytest.raises(DataError, match=r"no \.json or \.jsonl files"):
         load_conversations(tmp_path / "folder")
+
+
+def _answered(question: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "ok"}]}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_records_are_read_back_lazily_and_select_keeps_order(tmp_path: Path, suffix: str) -> None:
+    records = [_answered(f"question {i}") for i in range(6)]
+    data = tmp_path / f"train{suffix}"
+    if suffix == ".jsonl":
+        _jsonl(data, [records[0], "", *records[1:]])  # a blank line: record numbers stay line numbers
+    else:
+        data.write_text(json.dumps(records, indent=2))
+    conversations = load_conversations(data).conversations
+
+    def questions(sequence) -> list[str]:
+        return [c.messages[0]["content"][0]["text"] for c in sequence]
+
+    assert questions(conversations) == [f"question {i}" for i in range(6)]
+    assert questions(conversations.select([4, 1])) == ["question 4", "question 1"]
+    assert questions(conversations[1:3]) == ["question 1", "question 2"]
+    expected_source = f"{data}:3" if suffix == ".jsonl" else f"{data}:2"
+    assert conversations[1].source == expected_source
+
+
+def test_a_jsonl_record_changed_after_the_scan_is_named_when_read(tmp_path: Path) -> None:
+    data = _jsonl(tmp_path / "train.jsonl", [_answered("first"), _answered("second")])
+    conversations = load_conversations(data).conversations
+    # The scan keeps positions, not conversations: an edit after it shows on the next read.
+    data.write_text(json.dumps(_answered("first")) + "\n" + json.dumps({"messages": "broken"}) + "\n")
+    assert conversations[0].messages[0]["content"][0]["text"] == "first"
+    with pytest.raises(DataError, match=r"train.jsonl:2: the record no longer parses"):
+        conversations[1]
+
+
+def test_a_line_that_is_not_utf8_is_reported_with_its_number(tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(json.dumps(_answered("fine")).encode() + b"\n" + b'{"messages": "\xff\xfe"}\n')
+    scan = load_conversations(data)
+    assert len(scan.conversations) == 1 and _kinds(scan) == [("malformed-line", 2)]

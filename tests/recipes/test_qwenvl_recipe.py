@@ -10,14 +10,20 @@ import torch
 from safetensors import safe_open
 
 from tuner.config.schema import RunConfig
-from tuner.data.conversations import Conversation
+from tuner.data.conversations import ConversationRecords, load_conversations
 from tuner.errors import DataError
 from tuner.models.qwenvl import load_adapter_checked, load_qwenvl
 from tuner.recipes.qwenvl import drop_overlong, length_groups, train_qwenvl_lora
 
 
-def conversation(index: int) -> Conversation:
-    return Conversation(messages=[], images=[], source=f"train.jsonl:{index}")
+def text_conversations(folder: Path, count: int) -> ConversationRecords:
+    records = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(count)
+    ]
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return load_conversations(data).conversations
 
 
 def test_length_groups_put_neighbouring_lengths_together():
@@ -28,10 +34,11 @@ def test_length_groups_put_neighbouring_lengths_together():
     assert short.isdisjoint(long)
 
 
-def test_drop_overlong_counts_and_refuses_when_nothing_fits(capsys):
-    conversations = [conversation(i) for i in range(3)]
+def test_drop_overlong_counts_and_refuses_when_nothing_fits(tmp_path: Path, capsys):
+    conversations = text_conversations(tmp_path, 3)
     kept, lengths = drop_overlong(conversations, [10, 90, 30], max_length=50, overlength="drop")
-    assert [c.source for c in kept] == ["train.jsonl:0", "train.jsonl:2"] and lengths == [10, 30]
+    data = tmp_path / "train.jsonl"
+    assert [c.source for c in kept] == [f"{data}:1", f"{data}:3"] and lengths == [10, 30]
     assert "dropped 1 of 3" in capsys.readouterr().out
     with pytest.raises(DataError, match="all 3 conversations are longer"):
         drop_overlong(conversations, [60, 90, 70], max_length=50, overlength="drop")

@@ -24,7 +24,7 @@ from PIL import Image
 
 from tuner.data.buckets import bucket_histogram, nearest_bucket, sdxl_buckets
 from tuner.data.captions import DatasetRow, scan_caption_dataset
-from tuner.data.conversations import Conversation, load_conversations
+from tuner.data.conversations import load_conversations
 from tuner.data.images import DEFAULT_MAX_PIXELS, inspect_image
 from tuner.data.problems import Problem
 
@@ -149,8 +149,12 @@ def check_qwenvl_dataset(
     scan = load_conversations(path, image_root, check_images=False)
     problems = list(scan.problems)
     images: dict[Path, _ImageFacts | Problem] = {}
-    first_places: dict[tuple[str, ...], str] = {}
-    usable: list[Conversation] = []
+    # Keyed by a digest, not the text: a large dataset's check must not hold every conversation.
+    first_places: dict[str, str] = {}
+    usable = 0
+    images_per_sample: list[int] = []
+    text_words: list[int] = []
+    lengths: list[int] = []
     for conversation in scan.conversations:
         data_file, record = _split_source(conversation.source)
         root = Path(image_root) if image_root is not None else Path(data_file).parent
@@ -166,8 +170,8 @@ def check_qwenvl_dataset(
             else:
                 digests.append(facts.digest)
         if not found:
-            key = (json.dumps(conversation.messages, sort_keys=True), *digests)
-            first = first_places.setdefault(key, conversation.source)
+            key = json.dumps([conversation.messages, digests], sort_keys=True)
+            first = first_places.setdefault(hashlib.sha256(key.encode()).hexdigest(), conversation.source)
             if first != conversation.source:
                 found.append(
                     Problem(
@@ -180,27 +184,30 @@ def check_qwenvl_dataset(
                 )
         problems.extend(found)
         if not found:
-            usable.append(conversation)
+            usable += 1
+            images_per_sample.append(len(conversation.images))
+            text_words.append(_text_words(conversation.messages))
+            if processor is not None:
+                from tuner.data.vl_encoding import token_length  # torch: only when measuring tokens
+
+                lengths.append(token_length(processor, conversation))
 
     sizes = [(facts.width, facts.height) for facts in images.values() if isinstance(facts, _ImageFacts)]
     stats: dict = {
         "images": len(sizes),
         **_image_stats(sizes),
-        "images_per_sample": _spread([len(conversation.images) for conversation in usable]),
-        "text_words": _spread([_text_words(conversation.messages) for conversation in usable]),
+        "images_per_sample": _spread(images_per_sample),
+        "text_words": _spread(text_words),
         "min_pixels": min_pixels,
         "max_pixels": max_pixels,
     }
     histogram = ""
-    if processor is not None and usable:
-        from tuner.data.vl_encoding import token_length
-
-        lengths = [token_length(processor, conversation) for conversation in usable]
+    if lengths:
         stats["tokens"] = _spread(lengths)
         stats["max_length"] = max_length
         stats["over_max_length"] = sum(length > max_length for length in lengths)
         histogram = token_length_histogram(lengths, max_length)
-    return DataReport("qwenvl", str(path), len(usable), _in_file_order(problems), stats, histogram)
+    return DataReport("qwenvl", str(path), usable, _in_file_order(problems), stats, histogram)
 
 
 def token_length_histogram(lengths: Sequence[int], max_length: int) -> str:

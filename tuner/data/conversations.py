@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import overload
 
 from tuner.data.problems import Problem
 from tuner.errors import DataError
@@ -80,21 +82,88 @@ class Conversation:
     source: str
 
 
+class ConversationRecords(Sequence[Conversation]):
+    """The usable records of a scan, read back from their files when indexed: never loaded whole.
+
+    Each record costs a few integers of memory (its file, where it starts, its record number), so a
+    dataset of millions of conversations scans in constant memory; indexing re-reads and re-parses one
+    record (JSONL: a seek and one line; a JSON array is held as compact bytes per record, since an
+    array cannot be read piecewise). Images were checked during the scan and are not checked again.
+    """
+
+    def __init__(self, sources: list[_DataFile]) -> None:
+        self._sources = sources
+        self._file = array("i")
+        self._position = array("q")  # JSONL: byte offset of the line; JSON array: index into its records
+        self._record_number = array("q")
+
+    def _add(self, file_index: int, position: int, record_number: int) -> None:
+        self._file.append(file_index)
+        self._position.append(position)
+        self._record_number.append(record_number)
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+    @overload
+    def __getitem__(self, index: int) -> Conversation: ...
+    @overload
+    def __getitem__(self, index: slice) -> ConversationRecords: ...
+    def __getitem__(self, index: int | slice) -> Conversation | ConversationRecords:
+        if isinstance(index, slice):
+            return self.select(range(len(self))[index])
+        source = self._sources[self._file[index]]
+        record_number = self._record_number[index]
+        parser = _RecordParser(source.path, record_number, source.image_root, False, {})
+        conversation = parser.parse(source.record(self._position[index]))
+        if conversation is None:
+            # The scan accepted this record, so its file changed since.
+            raise DataError(
+                f"{source.path}:{record_number}: the record no longer parses ({parser.problems[0].what})",
+                hint="the data changed after it was checked; restart the run",
+            )
+        return conversation
+
+    def select(self, indices: Iterable[int]) -> ConversationRecords:
+        """The records at `indices`, in that order, as another lazy sequence."""
+        chosen = ConversationRecords(self._sources)
+        for index in indices:
+            chosen._add(self._file[index], self._position[index], self._record_number[index])
+        return chosen
+
+
+@dataclass
+class _DataFile:
+    """One data file of a scan and how to read a record of it back."""
+
+    path: Path
+    image_root: Path
+    array_records: list[bytes] | None = None  # a JSON array's records, compact; None for JSONL
+
+    def record(self, position: int) -> object:
+        if self.array_records is not None:
+            return json.loads(self.array_records[position])
+        with self.path.open("rb") as handle:
+            handle.seek(position)
+            return json.loads(handle.readline())
+
+
 @dataclass
 class ConversationScan:
     """What a scan of a dataset produced: the usable conversations and every problem found."""
 
-    conversations: list[Conversation] = field(default_factory=list)
+    conversations: ConversationRecords
     problems: list[Problem] = field(default_factory=list)
 
 
 def load_conversations(
     path: str | Path, image_root: str | Path | None = None, check_images: bool = True
 ) -> ConversationScan:
-    """Read every record under `path` (a .json/.jsonl file, or a folder of them, in name order).
+    """Scan every record under `path` (a .json/.jsonl file, or a folder of them, in name order).
 
     Raises DataError when `path` does not exist or holds no records at all (nothing parsed and
-    nothing wrong to report); otherwise bad records come back as problems.
+    nothing wrong to report); otherwise bad records come back as problems. The conversations come
+    back lazily (see ConversationRecords): only the problems are kept whole.
     """
     path = Path(path)
     if not path.exists():
@@ -106,21 +175,24 @@ def load_conversations(
         data_files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
     else:
         data_files = [path]
-    scan = ConversationScan()
+    sources: list[_DataFile] = []
+    conversations = ConversationRecords(sources)
+    scan = ConversationScan(conversations)
     image_checks: dict[Path, Problem | None] = {}
-    for data_file in data_files:
+    for file_index, data_file in enumerate(data_files):
         root = Path(image_root) if image_root is not None else data_file.parent
-        root = Path(os.path.abspath(root))
-        for record_number, record, problem in _read_records(data_file):
+        source = _DataFile(data_file, Path(os.path.abspath(root)))
+        sources.append(source)
+        for record_number, position, record, problem in _read_records(source):
             if problem is not None:
                 scan.problems.append(problem)
                 continue
-            parser = _RecordParser(data_file, record_number, root, check_images, image_checks)
+            parser = _RecordParser(data_file, record_number, source.image_root, check_images, image_checks)
             conversation = parser.parse(record)
             scan.problems.extend(parser.problems)
             if conversation is not None:
-                scan.conversations.append(conversation)
-    if not scan.conversations and not scan.problems:
+                conversations._add(file_index, position, record_number)
+    if not conversations and not scan.problems:
         where = f"{path} (no .json or .jsonl files in it)" if path.is_dir() and not data_files else str(path)
         raise DataError(
             f"no conversation records in {where}",
@@ -130,26 +202,41 @@ def load_conversations(
     return scan
 
 
-def _read_records(data_file: Path) -> Iterator[tuple[int | None, object, Problem | None]]:
-    """Yield `(record_number, record, problem)` for each record of a .json or .jsonl file."""
+def _read_records(source: _DataFile) -> Iterator[tuple[int | None, int, object, Problem | None]]:
+    """Yield `(record_number, position, record, problem)` for each record of a .json or .jsonl file.
 
-    def malformed(what: str, fix: str, record: int | None = None) -> tuple[int | None, None, Problem]:
-        return record, None, Problem(str(data_file), "malformed-line", what, fix, record=record)
+    A JSONL file is read a line at a time (position: the line's byte offset); a JSON array is parsed
+    whole and its records kept as compact bytes on `source` (position: the index among them).
+    """
+    data_file = source.path
 
+    def malformed(what: str, fix: str, record: int | None = None) -> tuple[int | None, int, None, Problem]:
+        return record, -1, None, Problem(str(data_file), "malformed-line", what, fix, record=record)
+
+    if data_file.suffix.lower() == ".jsonl":
+        try:
+            handle = data_file.open("rb")
+        except OSError as error:
+            yield malformed(f"cannot read the file ({error})", "check the path and its permissions")
+            return
+        with handle:
+            offset = 0
+            for line_number, line in enumerate(handle, start=1):
+                position, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue
+                try:
+                    yield line_number, position, json.loads(line.decode("utf-8")), None
+                except UnicodeDecodeError:
+                    yield malformed("the line is not UTF-8 text", "save the file as UTF-8", line_number)
+                except json.JSONDecodeError as error:
+                    what = f"not valid JSON ({error.msg} at column {error.colno})"
+                    yield malformed(what, "write one complete JSON object per line", line_number)
+        return
     try:
         text = data_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         yield malformed(f"cannot read the file ({error})", "save it as UTF-8 text")
-        return
-    if data_file.suffix.lower() == ".jsonl":
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_number, json.loads(line), None
-            except json.JSONDecodeError as error:
-                what = f"not valid JSON ({error.msg} at column {error.colno})"
-                yield malformed(what, "write one complete JSON object per line", line_number)
         return
     try:
         records = json.loads(text)
@@ -158,11 +245,15 @@ def _read_records(data_file: Path) -> Iterator[tuple[int | None, object, Problem
         fix = "fix the JSON syntax (a .json file holds one array of records; use .jsonl for one per line)"
         yield malformed(what, fix, error.lineno)
         return
+    del text
     if not isinstance(records, list):
         what = f"the top level is a JSON {type(records).__name__}, not an array"
         yield malformed(what, "put the records in a JSON array: [{...}, {...}]")
         return
-    yield from ((index, record, None) for index, record in enumerate(records, start=1))
+    source.array_records = []
+    for index, record in enumerate(records, start=1):
+        source.array_records.append(json.dumps(record, separators=(",", ":")).encode())
+        yield index, index - 1, record, None
 
 
 class _RecordParser:

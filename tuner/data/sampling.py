@@ -71,18 +71,24 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
         return {group: len(m) for group, m in self._members.items() if len(m) < self.batch_size}
 
 
-def split_validation(samples: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """A seeded random `fraction` of the samples held out for validation (at least one if asked)."""
+def held_out_indices(count: int, fraction: float, seed: int) -> set[int]:
+    """A seeded random `fraction` of `count` indices held out for validation (at least one if asked)."""
     if fraction <= 0:
-        return samples, []
-    order = list(range(len(samples)))
+        return set()
+    order = list(range(count))
     random.Random(seed).shuffle(order)
-    held_out = set(order[: max(1, round(fraction * len(samples)))])
-    if len(held_out) >= len(samples):
+    held_out = set(order[: max(1, round(fraction * count))])
+    if len(held_out) >= count:
         raise ConfigError(
-            f"data.validation_fraction {fraction} leaves no training samples out of {len(samples)}",
+            f"data.validation_fraction {fraction} leaves no training samples out of {count}",
             hint="lower data.validation_fraction or add samples",
         )
+    return held_out
+
+
+def split_validation(samples: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(training, validation) samples, the validation ones chosen by `held_out_indices`."""
+    held_out = held_out_indices(len(samples), fraction, seed)
     return (
         [sample for index, sample in enumerate(samples) if index not in held_out],
         [sample for index, sample in enumerate(samples) if index in held_out],

@@ -268,7 +268,7 @@ def answer_dataset(
     return len(conversations)
 
 
-def _checked_conversations(data: str | Path, image_root: str | Path | None) -> list[Conversation]:
+def _checked_conversations(data: str | Path, image_root: str | Path | None) -> Sequence[Conversation]:
     data = resolve_tiny_dataset(str(data), TASK)
     scan = load_conversations(data, image_root, check_images=True)
     if scan.problems:

@@ -26,9 +26,9 @@ from PIL import Image
 from tuner.config.load import write_resolved_config
 from tuner.config.schema import RunConfig
 from tuner.data.check import DataReport
-from tuner.data.conversations import Conversation, load_conversations
+from tuner.data.conversations import Conversation, ConversationRecords, load_conversations
 from tuner.data.images import load_image_rgb
-from tuner.data.sampling import GroupedBatchSampler, split_validation
+from tuner.data.sampling import GroupedBatchSampler, held_out_indices
 from tuner.data.vl_encoding import (
     EncodedSample,
     collate_vl,
@@ -109,9 +109,9 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(peft_model)
 
-    train_conversations, validation_conversations = split_validation(
-        conversations, config.data.validation_fraction, config.train.seed
-    )
+    held_out = held_out_indices(len(conversations), config.data.validation_fraction, config.train.seed)
+    train_conversations = conversations.select(i for i in range(len(conversations)) if i not in held_out)
+    validation_conversations = conversations.select(sorted(held_out))
     lengths = [token_length(processor, conversation) for conversation in train_conversations]
     train_conversations, lengths = drop_overlong(
         train_conversations, lengths, config.data.max_length, config.data.overlength
@@ -180,7 +180,7 @@ def resolve_base_model(config: RunConfig) -> tuple[str, str]:
     return resolve_model_path(requested, TASK, hub.source, hub.offline, config.model.revision), requested
 
 
-def load_training_conversations(config: RunConfig) -> list[Conversation]:
+def load_training_conversations(config: RunConfig) -> ConversationRecords:
     """Every usable conversation; bad records stop the run unless `data.skip_bad` allows a few."""
     data = config.data
     path = resolve_tiny_dataset(data.path, TASK)
@@ -191,12 +191,12 @@ def load_training_conversations(config: RunConfig) -> list[Conversation]:
 
 
 def drop_overlong(
-    conversations: list[Conversation], lengths: list[int], max_length: int, overlength: str
-) -> tuple[list[Conversation], list[int]]:
+    conversations: ConversationRecords, lengths: list[int], max_length: int, overlength: str
+) -> tuple[ConversationRecords, list[int]]:
     """Drop conversations longer than `max_length` tokens (with `overlength: drop`), saying how many."""
     if overlength != "drop":
         return conversations, [min(length, max_length) for length in lengths]
-    kept = [(c, length) for c, length in zip(conversations, lengths, strict=True) if length <= max_length]
+    kept = [index for index, length in enumerate(lengths) if length <= max_length]
     dropped = len(conversations) - len(kept)
     if not kept:
         raise DataError(
@@ -209,7 +209,7 @@ def drop_overlong(
             f"dropped {dropped} of {len(conversations)} conversations longer than {max_length} tokens "
             "(raise data.max_length or lower data.max_pixels to keep them)"
         )
-    return [c for c, _ in kept], [length for _, length in kept]
+    return conversations.select(kept), [lengths[index] for index in kept]
 
 
 def length_groups(lengths: Sequence[int], batch_size: int) -> list[int]:
@@ -229,7 +229,7 @@ class EncodedConversations(torch.utils.data.Dataset):
         self, processor, conversations: Sequence[Conversation], max_length: int, overlength: str
     ) -> None:
         self.processor = processor
-        self.conversations = list(conversations)
+        self.conversations = conversations
         self.max_length = max_length
         self.overlength = overlength
 
