@@ -1,8 +1,9 @@
 """Benchmark tuner's trainers: `python scripts/bench.py sdxl|qwenvl [--scale small|full] ...`.
 
 Runs our trainer and its reference (SDXL: the diffusers example's algorithm; Qwen-VL: plain random
-batching) in one process, on the same model, data, batch, resolution, seed and thread count, and
-prints both with their ratio. See docs/benchmarks.md for the figures and how they were taken.
+batching) in one invocation, on the same model, data, batch, resolution, seed and thread count, and
+prints both with their ratio. Each run gets a fresh process and `--rounds N` alternates them N times
+(see tuner/bench/rounds.py for why). See docs/benchmarks.md for the figures and how they were taken.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tuner.bench.measure import RunFigures, environment_description
+from tuner.bench.rounds import compare_in_rounds
 from tuner.bench.sdxl_shapes import DEFAULT_RESOLUTION
 
 
@@ -32,8 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--samples", type=int, default=None, help="images / conversations in the data set")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--compile", action="store_true", help="SDXL: our trainer with runtime.compile")
-    parser.add_argument("--channels-last", action="store_true", help="SDXL: our UNet in channels-last")
+    parser.add_argument("--compile", action="store_true", help="SDXL: also our trainer with runtime.compile")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="SDXL: also our trainer with runtime.channels_last"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the trainers this many times")
+    parser.add_argument(
+        "--same-process", action="store_true", help="run every trainer in this process (debugging)"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="run our trainer only")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="Qwen-VL: also with it on")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "tuner-bench")
@@ -46,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.model == "sdxl":
-        from tuner.bench.sdxl_bench import SDXLBenchSettings, run_sdxl_bench
+        from tuner.bench.sdxl_bench import SDXLBenchSettings, sdxl_trainers
 
         settings = SDXLBenchSettings(
             scale=args.scale,
@@ -55,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             resolution=args.resolution or DEFAULT_RESOLUTION[args.scale],
             images=args.samples or 16,
-            compile=args.compile,
-            channels_last=args.channels_last,
         )
-        figures = run_sdxl_bench(settings, args.work_dir, baseline=not args.no_baseline)
+        switches = (("channels_last", args.channels_last), ("compile", args.compile))
+        variants = tuple(name for name, on in switches if on)
+        trainers = sdxl_trainers(settings, args.work_dir, baseline=not args.no_baseline, variants=variants)
     else:
-        from tuner.bench.qwenvl_bench import QwenVLBenchSettings, run_qwenvl_bench
+        from tuner.bench.qwenvl_bench import QwenVLBenchSettings, qwenvl_trainers
 
         settings = QwenVLBenchSettings(
             scale=args.scale,
@@ -70,21 +79,26 @@ def main(argv: list[str] | None = None) -> int:
             conversations=args.samples or 64,
             gradient_checkpointing=args.gradient_checkpointing,
         )
-        figures = run_qwenvl_bench(settings, args.work_dir)
+        trainers = qwenvl_trainers(settings, args.work_dir)
+    compared = compare_in_rounds(trainers, args.rounds, args.threads, isolate=not args.same_process)
+    figures = compared.figures
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "settings": dict(settings.__dict__),
         "environment": environment_description(torch.device(device)),
         "runs": [figure.as_dict() for figure in figures],
+        "rounds": [[figure.as_dict() for figure in round_figures] for round_figures in compared.rounds],
+        "steps_per_s_ratios": compared.steps_per_s_ratios,
     }
-    print(format_report(figures))
+    print(format_report(figures, compared.steps_per_s_ratios))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     return 0
 
 
-def format_report(figures: list[RunFigures]) -> str:
-    """One line per trainer, then each later trainer's ratio to the first (the reference)."""
+def format_report(figures: list[RunFigures], round_ratios: dict[str, list[float]] | None = None) -> str:
+    """One line per trainer (medians over rounds), then each later trainer's ratio to the first (the
+    reference); with several rounds the steps/s ratio is the median of the per-round ratios."""
     lines = []
     for figure in figures:
         line = (
@@ -99,9 +113,14 @@ def format_report(figures: list[RunFigures]) -> str:
         line += "".join(f", {key} {value:.4g}" for key, value in figure.extra.items())
         lines.append(line)
     reference = figures[0]
+    round_ratios = round_ratios or {}
     for figure in figures[1:]:
+        per_round = round_ratios.get(figure.name, [])
+        single_ratio = figure.steps_per_s / reference.steps_per_s
+        steps_ratio = statistics.median(per_round) if per_round else single_ratio
+        rounds_note = f" (rounds: {', '.join(f'x{r:.2f}' for r in per_round)})" if len(per_round) > 1 else ""
         lines.append(
-            f"{figure.name} / {reference.name}: steps/s x{figure.steps_per_s / reference.steps_per_s:.2f}, "
+            f"{figure.name} / {reference.name}: steps/s x{steps_ratio:.2f}{rounds_note}, "
             f"time to first step x{figure.time_to_first_step_s / reference.time_to_first_step_s:.2f}, "
             f"peak memory x{figure.peak_memory_mb / reference.peak_memory_mb:.2f}"
         )

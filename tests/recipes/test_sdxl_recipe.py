@@ -199,3 +199,22 @@ def test_trains_from_a_single_file_checkpoint(caption_folder: Path, tmp_path: Pa
     folder_pipeline = StableDiffusionXLPipeline.from_pretrained(tiny)
     folder_pipeline.load_lora_weights(output)
     assert any("lora" in name for name, _ in folder_pipeline.unet.named_parameters())
+
+
+@pytest.mark.slow
+def test_channels_last_trains_the_same_adapter(caption_folder: Path, tmp_path: Path) -> None:
+    # Another memory layout, the same arithmetic: only float rounding may tell the two runs apart.
+    adapters = []
+    for channels_last in (False, True):
+        config = _config(
+            caption_folder,
+            tmp_path / f"out-{channels_last}",
+            runtime={"channels_last": channels_last},
+            output={"sample_every": 0, "sample_steps": 1},
+        )
+        adapters.append(load_file(train_sdxl_lora(config) / "pytorch_lora_weights.safetensors"))
+    contiguous, channels_last = adapters
+    assert contiguous.keys() == channels_last.keys()
+    worst = max((contiguous[key] - channels_last[key]).abs().max().item() for key in contiguous)
+    assert worst < 1e-4, worst
+    assert any(contiguous[key].abs().max() > 1e-3 for key in contiguous if "lora_B" in key or "up" in key)

@@ -7,6 +7,7 @@ template come from the tiny Qwen2.5-VL model.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -18,7 +19,8 @@ from unittest import mock
 import torch
 from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from tuner.bench.measure import PeakMemory, RunFigures, StepClock, TimedLoss, release_freed_memory
+from tuner.bench.measure import PeakMemory, RunFigures, StepClock, TimedLoss
+from tuner.bench.rounds import Trainer
 from tuner.config.schema import RunConfig
 from tuner.tiny import build_tiny
 from tuner.tiny.datasets import draw_shape
@@ -128,18 +130,17 @@ def write_conversations(folder: Path, count: int, seed: int = 0) -> Path:
     return folder / "train.jsonl"
 
 
-def run_qwenvl_bench(settings: QwenVLBenchSettings, work_dir: Path) -> list[RunFigures]:
+def qwenvl_trainers(settings: QwenVLBenchSettings, work_dir: Path) -> list[Trainer]:
     """Plain random batching (the reference), length-grouped, and (if asked) grouped + checkpointing."""
     model_dir = build_qwenvl_model(settings.scale, work_dir / f"qwen2.5-vl-{settings.scale}")
     data = write_conversations(work_dir / f"conversations-{settings.conversations}", settings.conversations)
     variants = [("plain random batching", False, False), ("ours: length-grouped batching", True, False)]
     if settings.gradient_checkpointing:
         variants.append(("ours: length-grouped + gradient checkpointing", True, True))
-    figures = []
-    for name, grouped, checkpointing in variants:
-        figures.append(train_qwenvl(settings, model_dir, data, name, grouped, checkpointing))
-        release_freed_memory()
-    return figures
+    return [
+        functools.partial(train_qwenvl, settings, model_dir, data, name, grouped, checkpointing)
+        for name, grouped, checkpointing in variants
+    ]
 
 
 def train_qwenvl(

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import functools
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
 import torch
 
-from tuner.bench.measure import (
-    PeakMemory,
-    RunFigures,
-    StepClock,
-    TimedLoss,
-    model_flops_utilisation,
-    release_freed_memory,
-)
+from tuner.bench.measure import PeakMemory, RunFigures, StepClock, TimedLoss, model_flops_utilisation
+from tuner.bench.rounds import Trainer
 from tuner.bench.sdxl_baseline import train_baseline_sdxl
 from tuner.bench.sdxl_shapes import build_sdxl_pipeline, write_captioned_images
 from tuner.config.schema import RunConfig
@@ -46,17 +40,20 @@ class SDXLBenchSettings:
         return "no" if self.device == "cpu" else "bf16"
 
 
-def run_sdxl_bench(settings: SDXLBenchSettings, work_dir: Path, baseline: bool = True) -> list[RunFigures]:
-    """Build (once) the model and images, then run the baseline (if asked) and our trainer."""
+def sdxl_trainers(
+    settings: SDXLBenchSettings, work_dir: Path, baseline: bool = True, variants: tuple[str, ...] = ()
+) -> list[Trainer]:
+    """Build (once) the model and images; then the baseline (if asked), our trainer, and our trainer
+    with each of `variants` ("channels_last", "compile") switched on, as trainers to run."""
     model_dir = build_sdxl_pipeline(settings.scale, work_dir / f"sdxl-{settings.scale}")
     data_dir = work_dir / f"images-{settings.resolution}-{settings.images}"
     if not data_dir.exists():
         write_captioned_images(data_dir, settings.images, settings.resolution, settings.seed)
-    device = torch.device(settings.device)
-    figures = []
+    trainers: list[Trainer] = []
     if baseline:
-        figures.append(
-            train_baseline_sdxl(
+        trainers.append(
+            functools.partial(
+                train_baseline_sdxl,
                 model_dir,
                 data_dir,
                 steps=settings.steps,
@@ -65,14 +62,16 @@ def run_sdxl_bench(settings: SDXLBenchSettings, work_dir: Path, baseline: bool =
                 rank=LORA_RANK,
                 lr=LEARNING_RATE,
                 seed=settings.seed,
-                device=device,
+                device=torch.device(settings.device),
                 weight_dtype=torch.float32 if settings.mixed_precision == "no" else torch.bfloat16,
                 warmup=WARMUP_STEPS,
             )
         )
-        release_freed_memory()
-    figures.append(train_ours_sdxl(settings, model_dir, data_dir))
-    return figures
+    trainers.append(functools.partial(train_ours_sdxl, settings, model_dir, data_dir))
+    for variant in variants:
+        changed = dataclasses.replace(settings, **{variant: True})
+        trainers.append(functools.partial(train_ours_sdxl, changed, model_dir, data_dir))
+    return trainers
 
 
 def ours_config(settings: SDXLBenchSettings, model_dir: Path, data_dir: Path, output_dir: Path) -> RunConfig:
@@ -100,6 +99,7 @@ def ours_config(settings: SDXLBenchSettings, model_dir: Path, data_dir: Path, ou
                 "device": settings.device,
                 "mixed_precision": settings.mixed_precision,
                 "compile": settings.compile,
+                "channels_last": settings.channels_last,
             },
         }
     )
@@ -114,7 +114,7 @@ def train_ours_sdxl(settings: SDXLBenchSettings, model_dir: Path, data_dir: Path
     timed = TimedLoss(clock, recipe.batch_loss, lambda batch: batch["time_ids"].shape[0], FLOPS_STEP)
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as output, PeakMemory(device) as memory:
         config = ours_config(settings, model_dir, data_dir, Path(output))
-        with mock.patch.object(recipe, "batch_loss", timed), _channels_last(settings.channels_last):
+        with mock.patch.object(recipe, "batch_loss", timed):
             recipe.train_sdxl_lora(config)
         timed.stop_counting()
     # The last step ends when sampling starts; the step starts are what the median uses.
@@ -131,21 +131,3 @@ def train_ours_sdxl(settings: SDXLBenchSettings, model_dir: Path, data_dir: Path
         flops_per_step=timed.flops,
         mfu=model_flops_utilisation(timed.flops, steps_per_s, device) if timed.flops else None,
     )
-
-
-@contextlib.contextmanager
-def _channels_last(enabled: bool) -> Iterator[None]:
-    """Our recipe with its UNet in channels-last memory format (an experiment; the recipe has no key)."""
-    if not enabled:
-        yield
-        return
-    from tuner.recipes import sdxl as recipe
-
-    configure = recipe.configure_unet_attention
-
-    def configure_and_convert(unet: torch.nn.Module, runtime) -> None:
-        configure(unet, runtime)
-        unet.to(memory_format=torch.channels_last)
-
-    with mock.patch.object(recipe, "configure_unet_attention", configure_and_convert):
-        yield

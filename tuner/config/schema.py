@@ -145,6 +145,8 @@ class RuntimeConfig(Section):
     # `fsdp`. Qwen-VL only; sdxl-lora refuses anything but ddp. See docs/ascend.md.
     distributed: Literal["ddp", "zero2", "zero3", "fsdp"] = "ddp"
     compile: bool = False
+    # SDXL: the UNet in channels-last (NHWC) memory format; see docs/benchmarks.md for when it helps.
+    channels_last: bool = False
     num_threads: int | None = Field(None, ge=1)
 
 

@@ -102,6 +102,9 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
         single_file_config=model_config.single_file_config,
     )
     configure_unet_attention(components.unet, runtime)
+    if config.runtime.channels_last:
+        # Same numbers, another layout: convolution libraries (oneDNN, cuDNN) have faster NHWC kernels.
+        components.unet.to(memory_format=torch.channels_last)
     parameter_groups = setup_lora(components, config.lora, config.optim.lr)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(components, config.lora.text_encoder)

@@ -1,0 +1,93 @@
+"""Trainers compared in rounds, each run in a fresh process, so neither inherits the other's state.
+
+A trainer run second in one process starts on the first one's heap (glibc keeps freed arenas, and
+`malloc_trim` gives back only part of them) and warm caches, and a shared machine's speed drifts by
+tens of percent over minutes. So every run gets its own spawned process (same thread count and
+environment), the rounds alternate the order (ABBA...) so drift does not always favour the same
+trainer, and a ratio is the median of the per-round ratios, each taken between runs minutes apart.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import statistics
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+
+from tuner.bench.measure import RunFigures
+
+Trainer = Callable[[], RunFigures]  # picklable: a module-level function or a functools.partial of one
+
+
+@dataclass
+class ComparedRuns:
+    """Each trainer's figures (medians over rounds) and, for every trainer after the first (the
+    reference), the per-round ratios of its steps/s to the reference's."""
+
+    figures: list[RunFigures]
+    rounds: list[list[RunFigures]]
+    steps_per_s_ratios: dict[str, list[float]] = field(default_factory=dict)
+
+    def median_ratio(self, name: str) -> float:
+        return statistics.median(self.steps_per_s_ratios[name])
+
+
+def compare_in_rounds(
+    trainers: list[Trainer], rounds: int, threads: int | None, isolate: bool = True
+) -> ComparedRuns:
+    """Run every trainer `rounds` times, alternating the order, each in a fresh process if `isolate`."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    runs: list[list[RunFigures]] = []
+    for number in range(rounds):
+        order = list(range(len(trainers)))
+        if number % 2 == 1:
+            order.reverse()
+        results: dict[int, RunFigures] = {}
+        for index in order:
+            results[index] = _run_fresh(trainers[index], threads) if isolate else trainers[index]()
+        runs.append([results[index] for index in range(len(trainers))])
+    figures = [_median_figures([run[index] for run in runs]) for index in range(len(trainers))]
+    ratios = {
+        runs[0][index].name: [run[index].steps_per_s / run[0].steps_per_s for run in runs]
+        for index in range(1, len(trainers))
+    }
+    return ComparedRuns(figures, runs, ratios)
+
+
+def _run_fresh(trainer: Trainer, threads: int | None) -> RunFigures:
+    # spawn, not fork: a forked child would start with this process's heap and torch state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_run_with_threads, trainer, threads).result()
+
+
+def _run_with_threads(trainer: Trainer, threads: int | None) -> RunFigures:
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if threads:
+        torch.set_num_threads(threads)
+    return trainer()
+
+
+def _median_figures(runs: list[RunFigures]) -> RunFigures:
+    """One trainer's rounds as one set of figures: the median of each."""
+    first = runs[0]
+
+    def median(values: list[float | None]) -> float | None:
+        known = [value for value in values if value is not None]
+        return statistics.median(known) if known else None
+
+    return replace(
+        first,
+        steps_per_s=statistics.median(run.steps_per_s for run in runs),
+        samples_per_s=statistics.median(run.samples_per_s for run in runs),
+        time_to_first_step_s=statistics.median(run.time_to_first_step_s for run in runs),
+        peak_memory_mb=statistics.median(run.peak_memory_mb for run in runs),
+        flops_per_step=median([run.flops_per_step for run in runs]),
+        mfu=median([run.mfu for run in runs]),
+        extra={key: statistics.median(run.extra[key] for run in runs) for key in first.extra},
+    )
