@@ -44,7 +44,12 @@ from tuner.models.sdxl_lora import (
 )
 from tuner.models.sdxl_loss import SDXLLoraModel, noise_settings
 from tuner.models.sdxl_sampling import sample_images
-from tuner.runtime.device import build_accelerator, configure_unet_attention, resolve_runtime
+from tuner.runtime.device import (
+    build_accelerator,
+    configure_unet_attention,
+    release_host_memory,
+    resolve_runtime,
+)
 from tuner.tiny import resolve_model_path, resolve_tiny_alias
 from tuner.tiny.datasets import resolve_tiny_dataset
 from tuner.training.bad_data import admit_dataset
@@ -157,6 +162,7 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     )
     offload_unused_encoders(components, encodes_images, encodes_captions)
     accelerator.free_memory()
+    release_host_memory()
 
     groups = bucket_groups(train_plans)
     batch_sampler = GroupedBatchSampler(
