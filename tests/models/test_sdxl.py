@@ -3,6 +3,7 @@ adapters that a plain diffusers pipeline loads at the strength they were trained
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from tuner.models.sdxl_loss import (
     sample_noise,
     sample_timesteps,
 )
-from tuner.models.sdxl_sampling import sample_images
+from tuner.models.sdxl_sampling import encode_sample_prompts, sample_images
 
 CAPTIONS = ["a red cube on a table", "", "tag one, tag two, " * 30]
 
@@ -337,6 +338,17 @@ def test_sample_images_writes_a_prompt_by_seed_grid(components, tmp_path: Path) 
     assert grid.size == (3 * 64, 2 * 48)
     array = np.asarray(grid)
     assert not np.array_equal(array[:48, :64], array[:48, 64:128])
+
+
+def test_samples_from_encoded_prompts_without_text_encoders_equal_samples_from_text(
+    components, tmp_path: Path
+) -> None:
+    arguments = ([0], 2, (64, 48))
+    from_text = sample_images(components, ["a cat", "a dog"], *arguments, tmp_path / "text.png", device="cpu")
+    encoded = encode_sample_prompts(components, ["a cat", "a dog"], "cpu")
+    released = dataclasses.replace(components, text_encoder=None, text_encoder_2=None)
+    from_embeddings = sample_images(released, encoded, *arguments, tmp_path / "embeds.png", device="cpu")
+    np.testing.assert_array_equal(np.asarray(Image.open(from_text)), np.asarray(Image.open(from_embeddings)))
 
 
 def test_cached_and_uncached_batches_give_the_same_loss(components, tmp_path: Path) -> None:

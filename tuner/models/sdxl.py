@@ -25,8 +25,9 @@ class SDXLComponents:
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    text_encoder_2: CLIPTextModelWithProjection
+    # None once released: a run with every caption cached samples from prompts encoded up front.
+    text_encoder: CLIPTextModel | None
+    text_encoder_2: CLIPTextModelWithProjection | None
     tokenizer: CLIPTokenizer
     tokenizer_2: CLIPTokenizer
     # Training always noises with DDPM's forward process, whatever scheduler the model samples with.

@@ -1,13 +1,16 @@
 """Sample images from the model being trained: a prompt x seed grid written as one PNG.
 
 The pipeline is built around the in-memory components, so the UNet's LoRA (and the text encoders',
-if any) is exactly what is being trained; sampling uses Euler, as SDXL base ships with.
+if any) is exactly what is being trained; sampling uses Euler, as SDXL base ships with. A cached run
+encodes its sample prompts once (`encode_sample_prompts`) and releases the text encoders, which the
+training step no longer needs.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,9 +36,46 @@ def build_pipeline(components: SDXLComponents) -> StableDiffusionXLPipeline:
     return pipeline
 
 
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A sample prompt as the pipeline encodes it for classifier-free guidance (both halves)."""
+
+    prompt: str
+    embeds: torch.Tensor
+    negative_embeds: torch.Tensor
+    pooled: torch.Tensor
+    negative_pooled: torch.Tensor
+
+    def pipeline_arguments(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        return {
+            "prompt_embeds": self.embeds.to(device),
+            "negative_prompt_embeds": self.negative_embeds.to(device),
+            "pooled_prompt_embeds": self.pooled.to(device),
+            "negative_pooled_prompt_embeds": self.negative_pooled.to(device),
+        }
+
+
+def encode_sample_prompts(
+    components: SDXLComponents, prompts: Sequence[str], device: torch.device | str
+) -> list[EncodedPrompt]:
+    """Each prompt through the pipeline's own `encode_prompt` (so sampling from these equals sampling
+    from the text), kept on the CPU."""
+    pipeline = build_pipeline(components)
+    encoded = []
+    with _on_device(components, device), torch.no_grad():
+        for prompt in prompts:
+            embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
+                prompt, device=torch.device(device), do_classifier_free_guidance=True
+            )
+            encoded.append(
+                EncodedPrompt(prompt, embeds.cpu(), negative.cpu(), pooled.cpu(), negative_pooled.cpu())
+            )
+    return encoded
+
+
 def sample_images(
     components: SDXLComponents,
-    prompts: list[str],
+    prompts: Sequence[str | EncodedPrompt],
     seeds: list[int],
     steps: int,
     size: tuple[int, int],
@@ -54,9 +94,13 @@ def sample_images(
     images = []
     with _on_device(components, device), _eval_mode(components.unet), torch.no_grad():
         for prompt in prompts:
+            if isinstance(prompt, EncodedPrompt):
+                text = {"prompt": None, **prompt.pipeline_arguments(device)}
+            else:
+                text = {"prompt": prompt}
             for seed in seeds:
                 latents = pipeline(
-                    prompt,
+                    **text,
                     num_inference_steps=steps,
                     width=width,
                     height=height,
@@ -92,7 +136,9 @@ def image_grid(images: list[Image.Image], rows: int, columns: int) -> Image.Imag
 
 @contextlib.contextmanager
 def _on_device(components: SDXLComponents, device: torch.device | str) -> Iterator[None]:
-    modules = [components.vae, components.text_encoder, components.text_encoder_2]
+    # Released text encoders (None) stay released.
+    candidates = (components.vae, components.text_encoder, components.text_encoder_2)
+    modules = [module for module in candidates if module is not None]
     original_devices = [module.device for module in modules]
     for module in modules:
         module.to(device)

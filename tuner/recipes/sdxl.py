@@ -43,7 +43,7 @@ from tuner.models.sdxl_lora import (
     unet_target_modules,
 )
 from tuner.models.sdxl_loss import SDXLLoraModel, noise_settings
-from tuner.models.sdxl_sampling import sample_images
+from tuner.models.sdxl_sampling import EncodedPrompt, encode_sample_prompts, sample_images
 from tuner.runtime.device import (
     build_accelerator,
     configure_unet_attention,
@@ -160,7 +160,15 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     model = SDXLLoraModel(
         components, settings, encodes_images=encodes_images, encodes_captions=encodes_captions
     )
-    offload_unused_encoders(components, encodes_images, encodes_captions)
+    prompts = config.output.sample_prompts or default_sample_prompts(
+        train_samples, config.data.caption_prefix
+    )
+    if not encodes_captions:
+        # Every caption is cached, so the text encoders are needed only for the sample prompts: encode
+        # those now and free the encoders (~1.6 GB of host memory at full size) for the rest of the run.
+        prompts = encode_sample_prompts(components, prompts, accelerator.device)
+        components.text_encoder = components.text_encoder_2 = None
+    offload_unused_vae(components, encodes_images)
     accelerator.free_memory()
     release_host_memory()
 
@@ -181,9 +189,6 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     )
     lr_scheduler = build_lr_scheduler(optimizer, optim.scheduler, optim.warmup_steps, loop_settings.max_steps)
 
-    prompts = config.output.sample_prompts or default_sample_prompts(
-        train_samples, config.data.caption_prefix
-    )
     job = TrainingJob(
         model=model,
         loss_fn=batch_loss,
@@ -289,13 +294,10 @@ def setup_lora(components: SDXLComponents, lora: LoraConfig, lr: float) -> list[
     return groups
 
 
-def offload_unused_encoders(components: SDXLComponents, encodes_images: bool, encodes_captions: bool) -> None:
-    """Park on the CPU what no step needs (sampling borrows it back); the loop moves only the model."""
+def offload_unused_vae(components: SDXLComponents, encodes_images: bool) -> None:
+    """Park the VAE on the CPU when no step encodes images (sampling borrows it back to decode)."""
     if not encodes_images:
         components.vae.to("cpu")
-    if not encodes_captions:
-        components.text_encoder.to("cpu")
-        components.text_encoder_2.to("cpu")
 
 
 def enable_gradient_checkpointing(components: SDXLComponents, text_encoders: bool) -> None:
@@ -367,7 +369,7 @@ def default_sample_prompts(samples: Sequence[CaptionedImage], prefix: str) -> li
 
 def write_sample_grid(
     components: SDXLComponents,
-    prompts: list[str],
+    prompts: Sequence[str | EncodedPrompt],
     config: RunConfig,
     accelerator,
     step: int,
