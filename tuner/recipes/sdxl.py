@@ -165,7 +165,7 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     )
     if not encodes_captions:
         # Every caption is cached, so the text encoders are needed only for the sample prompts: encode
-        # those now and free the encoders (~1.6 GB of host memory at full size) for the rest of the run.
+        # those now and free the encoders (1.6 GB in bf16 at full size) for the rest of the run.
         prompts = encode_sample_prompts(components, prompts, accelerator.device)
         components.text_encoder = components.text_encoder_2 = None
     offload_unused_vae(components, encodes_images)
