@@ -9,8 +9,11 @@ trainer, and a ratio is the median of the per-round ratios, each taken between r
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
 import statistics
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -69,11 +72,20 @@ def _run_with_threads(trainer: Trainer, threads: int | None) -> RunFigures:
 
     from tuner.bench import measure
 
+    _die_with_parent()
     measure.CLOCK_FROM_PROCESS_START = True
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if threads:
         torch.set_num_threads(threads)
     return trainer()
+
+
+def _die_with_parent() -> None:
+    """Linux: end this run if the benchmark that started it is killed (a timeout, Ctrl-C), instead of
+    compiling or training on as an orphan. Elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _median_figures(runs: list[RunFigures]) -> RunFigures:
