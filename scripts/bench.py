@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-baseline", action="store_true", help="run our trainer only")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="Qwen-VL: also with it on")
+    parser.add_argument("--packing", action="store_true", help="Qwen-VL: also packed batches, random order")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "tuner-bench")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             conversations=args.samples or 64,
             gradient_checkpointing=args.gradient_checkpointing,
+            packing=args.packing,
         )
         trainers = qwenvl_trainers(settings, args.work_dir)
     compared = compare_in_rounds(trainers, args.rounds, args.threads, isolate=not args.same_process)

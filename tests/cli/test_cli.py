@@ -85,3 +85,13 @@ def test_console_script_runs_in_a_real_subprocess():
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown preset 'nope'")
+
+
+def test_packing_flag_reaches_the_run(capsys, tmp_path):
+    output = tmp_path / "run"
+    argv = ("train", "qwenvl-lora", "--preset", "tiny-cpu", "--output", str(output), "--packing")
+    code, _, err = run_cli(capsys, *argv, "--max-steps", "1")
+    assert code == 0, err
+    resolved = yaml.safe_load((output / "tuner_config.yaml").read_text())
+    assert resolved["data"]["packing"] is True
+    assert (output / "adapter_model.safetensors").is_file()

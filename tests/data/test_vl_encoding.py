@@ -10,8 +10,12 @@ from PIL import Image
 from tuner.data.conversations import Conversation, load_conversations
 from tuner.data.vl_encoding import (
     IGNORE_INDEX,
+    SAMPLE_LENGTHS,
     collate_vl,
+    collate_vl_packed,
     encode_conversation,
+    packed_model_inputs,
+    samples_in_batch,
     set_pixel_bounds,
     token_length,
 )
@@ -200,6 +204,56 @@ def test_a_collated_batch_runs_through_the_tiny_model(tiny_model, family, proces
     assert torch.isfinite(right)
     # Padding must not change what the model sees: same loss whichever side is padded.
     torch.testing.assert_close(right, left)
+
+
+def test_packed_collate_puts_samples_end_to_end_without_padding(processor, conversations) -> None:
+    samples = [encode_conversation(processor, c) for c in conversations]
+    batch = collate_vl_packed(samples)
+    total = sum(len(s.input_ids) for s in samples)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["mm_token_type_ids"].shape == (1, total)
+    assert "attention_mask" not in batch and samples_in_batch(batch) == len(samples) == 4
+    start = 0
+    for sample in samples:
+        end = start + len(sample.input_ids)
+        assert torch.equal(batch["input_ids"][0, start:end], sample.input_ids)
+        # No sample's first token is a target: the token before it belongs to another sample.
+        assert batch["labels"][0, start] == IGNORE_INDEX
+        assert torch.equal(batch["labels"][0, start + 1 : end], sample.labels[1:])
+        start = end
+    assert batch["sample_image_counts"] == (3, 1, 0, 0)
+    assert torch.equal(
+        batch["image_grid_thw"], torch.cat([samples[0].image_grid_thw, samples[1].image_grid_thw])
+    )
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_batch_gives_each_sample_its_unpacked_logits_and_the_same_loss(
+    tiny_model, family, processor, conversations, attention
+) -> None:
+    """The oracle is transformers itself on the padded batch: its positions, mask and loss."""
+    from transformers import AutoModelForImageTextToText
+
+    from tuner.models.qwenvl import rope_index_of
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model(family), attn_implementation=attention)
+    samples = [encode_conversation(processor, c) for c in conversations]
+    padded = collate_vl(samples, processor.tokenizer.pad_token_id, "right")
+    packed = packed_model_inputs(collate_vl_packed(samples), rope_index_of(model))
+    assert SAMPLE_LENGTHS not in packed and packed["position_ids"].shape[:2] == (4, 1)
+    with torch.no_grad():
+        padded_out = model(**padded)
+        packed_out = model(**packed)
+        # Control: the same row attended as one sequence mixes the samples.
+        mixed = model(**{**packed, "attention_mask": torch.ones_like(packed["input_ids"])}).logits
+    start = 0
+    for row, sample in enumerate(samples):
+        end = start + len(sample.input_ids)
+        expected = padded_out.logits[row, : len(sample.input_ids)]
+        torch.testing.assert_close(packed_out.logits[0, start:end], expected, atol=1e-4, rtol=1e-4)
+        start = end
+    torch.testing.assert_close(packed_out.loss, padded_out.loss, atol=1e-5, rtol=1e-5)
+    last = samples[-1]
+    assert not torch.allclose(mixed[0, -len(last.input_ids) :], padded_out.logits[-1, : len(last.input_ids)])
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(processor, conversations) -> None:

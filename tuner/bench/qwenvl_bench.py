@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGene
 from tuner.bench.measure import PeakMemory, RunFigures, StepClock, TimedLoss
 from tuner.bench.rounds import Trainer
 from tuner.config.schema import RunConfig
+from tuner.data.vl_encoding import samples_in_batch
 from tuner.tiny import build_tiny
 from tuner.tiny.datasets import draw_shape
 
@@ -77,6 +78,7 @@ class QwenVLBenchSettings:
     conversations: int
     seed: int = 0
     gradient_checkpointing: bool = False
+    packing: bool = False
 
     @property
     def mixed_precision(self) -> str:
@@ -130,37 +132,46 @@ def write_conversations(folder: Path, count: int, seed: int = 0) -> Path:
     return folder / "train.jsonl"
 
 
+@dataclass(frozen=True)
+class BatchingVariant:
+    name: str
+    grouped: bool
+    packing: bool = False
+    checkpointing: bool = False
+
+
 def qwenvl_trainers(settings: QwenVLBenchSettings, work_dir: Path) -> list[Trainer]:
-    """Plain random batching (the reference), length-grouped, and (if asked) grouped + checkpointing."""
+    """Plain random batching (the reference), length-grouped, and (if asked) packed and checkpointed."""
     model_dir = build_qwenvl_model(settings.scale, work_dir / f"qwen2.5-vl-{settings.scale}")
     data = write_conversations(work_dir / f"conversations-{settings.conversations}", settings.conversations)
-    variants = [("plain random batching", False, False), ("ours: length-grouped batching", True, False)]
-    if settings.gradient_checkpointing:
-        variants.append(("ours: length-grouped + gradient checkpointing", True, True))
-    return [
-        functools.partial(train_qwenvl, settings, model_dir, data, name, grouped, checkpointing)
-        for name, grouped, checkpointing in variants
+    variants = [
+        BatchingVariant("plain random batching", grouped=False),
+        BatchingVariant("ours: length-grouped batching", grouped=True),
     ]
+    if settings.packing:
+        variants.append(BatchingVariant("ours: packed, random order", grouped=False, packing=True))
+    if settings.gradient_checkpointing:
+        variants.append(
+            BatchingVariant("ours: length-grouped + gradient checkpointing", grouped=True, checkpointing=True)
+        )
+    return [functools.partial(train_qwenvl, settings, model_dir, data, variant) for variant in variants]
 
 
 def train_qwenvl(
-    settings: QwenVLBenchSettings, model_dir: Path, data: Path, name: str, grouped: bool, checkpointing: bool
+    settings: QwenVLBenchSettings, model_dir: Path, data: Path, variant: BatchingVariant
 ) -> RunFigures:
     from tuner.recipes import qwenvl as recipe
 
     device = torch.device(settings.device)
     clock = StepClock()
-    step_tokens: list[tuple[int, int, int]] = []  # (padded, real, supervised) per step
+    step_tokens: list[tuple[int, int, int]] = []  # (computed, real, supervised) per step
 
     def count(batch: dict) -> int:
-        step_tokens.append(
-            (
-                batch["input_ids"].numel(),
-                int(batch["attention_mask"].sum()),
-                int((batch["labels"] != -100).sum()),
-            )
-        )
-        return batch["input_ids"].shape[0]
+        computed = batch["input_ids"].numel()
+        # A packed batch has no padding and no attention mask.
+        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else computed
+        step_tokens.append((computed, real, int((batch["labels"] != -100).sum())))
+        return samples_in_batch(batch)
 
     timed = TimedLoss(clock, recipe.causal_lm_loss, count)
     with tempfile.TemporaryDirectory(prefix="bench-qwenvl-") as output, PeakMemory(device) as memory:
@@ -168,12 +179,17 @@ def train_qwenvl(
             {
                 "task": "qwenvl-lora",
                 "model": {"name_or_path": str(model_dir)},
-                "data": {"path": str(data), "group_by_length": grouped, "max_pixels": 560 * 448},
+                "data": {
+                    "path": str(data),
+                    "group_by_length": variant.grouped,
+                    "packing": variant.packing,
+                    "max_pixels": 560 * 448,
+                },
                 "train": {
                     "batch_size": settings.batch_size,
                     "max_steps": settings.steps,
                     "seed": settings.seed,
-                    "gradient_checkpointing": checkpointing,
+                    "gradient_checkpointing": variant.checkpointing,
                 },
                 "output": {"dir": output, "log_every": settings.steps},
                 "runtime": {"device": settings.device, "mixed_precision": settings.mixed_precision},
@@ -191,7 +207,7 @@ def train_qwenvl(
     )
     steps_per_s, samples_per_s = clock.rates(WARMUP_STEPS)
     return RunFigures(
-        name=name,
+        name=variant.name,
         steps_per_s=steps_per_s,
         samples_per_s=samples_per_s,
         time_to_first_step_s=clock.time_to_first_step(),

@@ -37,6 +37,10 @@ ImageRoot = Annotated[str | None, typer.Option("--image-root", help="Folder imag
 MaxPixels = Annotated[int | None, typer.Option("--max-pixels", help="Upper bound of pixels per image.")]
 MinPixels = Annotated[int | None, typer.Option("--min-pixels", help="Lower bound of pixels per image.")]
 MaxLength = Annotated[int | None, typer.Option("--max-length", help="Longest sample in tokens.")]
+Packing = Annotated[
+    bool | None,
+    typer.Option("--packing", help="Put a batch's samples end to end in one row (no padding)."),
+]
 Distributed = Annotated[
     str | None,
     typer.Option(
@@ -157,6 +161,7 @@ def qwenvl_lora(
     max_pixels: MaxPixels = None,
     min_pixels: MinPixels = None,
     max_length: MaxLength = None,
+    packing: Packing = None,
     targets: Targets = None,
     batch_size: options.BatchSize = None,
     grad_accum: options.GradAccum = None,
@@ -196,6 +201,7 @@ def qwenvl_lora(
         "data.max_pixels": max_pixels,
         "data.min_pixels": min_pixels,
         "data.max_length": max_length,
+        "data.packing": packing,
         "model.trust_remote_code": trust_remote_code,
         "runtime.distributed": distributed,
         "lora.targets": [t.strip() for t in targets.split(",") if t.strip()] if targets else None,

@@ -72,6 +72,10 @@ class DataConfig(Section):
     # Over-long samples: `drop` (counted and reported) or `truncate` (never inside an image's tokens).
     overlength: Literal["drop", "truncate"] = "drop"
     group_by_length: bool = True
+    # Qwen-VL: a batch's samples end to end in one row instead of padded rows (no padding at all; attention
+    # stays inside each sample). Pays off with flash attention's variable-length kernels; with eager/SDPA
+    # the block-diagonal mask still costs the attention of the whole row.
+    packing: bool = False
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     skip_bad: bool = False
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)

@@ -21,6 +21,7 @@ with an error rather than trained with shifted masks.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +40,10 @@ VISION_END = "<|vision_end|>"
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _HEADER_PROBE = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+# Keys of a packed batch that say where its samples lie; `packed_model_inputs` turns them into
+# position ids and removes them before the batch reaches the model.
+SAMPLE_LENGTHS = "sample_lengths"
+SAMPLE_IMAGE_COUNTS = "sample_image_counts"
 
 
 @dataclass
@@ -259,6 +264,94 @@ def collate_vl(
         batch["pixel_values"] = torch.cat([s.pixel_values for s in with_images])
         batch["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_images])
     return batch
+
+
+def collate_vl_packed(samples: list[EncodedSample]) -> dict[str, torch.Tensor | tuple[int, ...]]:
+    """The batch's samples end to end in one row, with no padding (`data.packing`).
+
+    Besides the model inputs (`input_ids`, `labels`, `mm_token_type_ids`, `pixel_values`,
+    `image_grid_thw`) it records each sample's token and image count, from which
+    `packed_model_inputs` builds per-sample position ids. There is no `attention_mask`: transformers
+    reads the sample boundaries from the text position ids restarting at 0 and keeps attention
+    inside each sample (a block-diagonal causal mask for eager/SDPA, variable-length kernels for
+    flash attention).
+    """
+    labels = []
+    for sample in samples:
+        sample_labels = sample.labels.clone()
+        # The shifted loss would otherwise ask the last token of one sample to predict the first
+        # token of the next one.
+        sample_labels[0] = IGNORE_INDEX
+        labels.append(sample_labels)
+    batch = {
+        "input_ids": torch.cat([s.input_ids for s in samples])[None],
+        "labels": torch.cat(labels)[None],
+        # Plain ints, not tensors: they stay on the host when the batch moves to the device, so reading
+        # them costs no device synchronisation.
+        SAMPLE_LENGTHS: tuple(len(s.input_ids) for s in samples),
+        SAMPLE_IMAGE_COUNTS: tuple(0 if s.image_grid_thw is None else len(s.image_grid_thw) for s in samples),
+    }
+    if any(s.mm_token_type_ids is not None for s in samples):
+        batch["mm_token_type_ids"] = torch.cat(
+            [
+                s.mm_token_type_ids if s.mm_token_type_ids is not None else torch.zeros_like(s.input_ids)
+                for s in samples
+            ]
+        )[None]
+    with_images = [s for s in samples if s.pixel_values is not None]
+    if with_images:
+        batch["pixel_values"] = torch.cat([s.pixel_values for s in with_images])
+        batch["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_images])
+    return batch
+
+
+RopeIndex = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def packed_model_inputs(batch: dict, rope_index: RopeIndex) -> dict:
+    """The model inputs of a packed batch: its sample records replaced by `position_ids` (4, 1, length).
+
+    Row 0 holds the text positions (0, 1, ... restarting with every sample): transformers' Qwen-VL
+    language models take a 4-row `position_ids` as text positions plus M-RoPE positions and build the
+    packed attention from row 0. Rows 1-3 are each sample's M-RoPE positions, computed by the model's own
+    `get_rope_index` (`rope_index`) on that sample alone, so they equal those of the unpacked sample.
+    `use_cache` is off: transformers reads packing from the positions only when there is no KV cache, and
+    with one it would let the samples attend to each other.
+    """
+    inputs = {key: value for key, value in batch.items() if key not in (SAMPLE_LENGTHS, SAMPLE_IMAGE_COUNTS)}
+    input_ids = batch["input_ids"]
+    token_types = batch.get("mm_token_type_ids")
+    grids = batch.get("image_grid_thw")
+    segments = []
+    start = first_image = 0
+    for length, images in zip(batch[SAMPLE_LENGTHS], batch[SAMPLE_IMAGE_COUNTS], strict=True):
+        end = start + length
+        text_positions = torch.arange(length, device=input_ids.device).view(1, 1, -1)
+        if images:
+            if token_types is None:
+                raise ModelError(
+                    "a packed batch with images has no mm_token_type_ids to place them in M-RoPE",
+                    hint="set data.packing: false, or update transformers",
+                )
+            rope_positions, _ = rope_index(
+                input_ids[:, start:end],
+                mm_token_type_ids=token_types[:, start:end],
+                image_grid_thw=grids[first_image : first_image + images],
+            )
+        else:
+            rope_positions = text_positions.expand(3, 1, -1)
+        segments.append(torch.cat([text_positions, rope_positions.to(text_positions.dtype)]))
+        start, first_image = end, first_image + images
+    inputs["position_ids"] = torch.cat(segments, dim=2)
+    inputs["use_cache"] = False
+    return inputs
+
+
+def samples_in_batch(batch: dict) -> int:
+    """How many samples a padded or packed batch holds."""
+    if SAMPLE_LENGTHS in batch:
+        return len(batch[SAMPLE_LENGTHS])
+    return batch["input_ids"].shape[0]
 
 
 def token_length(processor, conversation: Conversation) -> int:

@@ -229,6 +229,21 @@ def enable_gradient_checkpointing(model: PreTrainedModel | PeftModel) -> None:
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
+def rope_index_of(model: torch.nn.Module):
+    """The model's own M-RoPE position function: `get_rope_index` of the inner Qwen-VL model.
+
+    Wrappers (PEFT, DDP) are looked through; the function reads only the config, so it serves
+    whatever wraps the model later.
+    """
+    for module in model.modules():
+        if hasattr(type(module), "get_rope_index"):
+            return module.get_rope_index
+    raise ModelError(
+        f"{type(model).__name__} has no get_rope_index, so packed samples cannot get their positions",
+        hint="set data.packing: false",
+    )
+
+
 def save_adapter(
     peft_model: PeftModel,
     output_dir: str | Path,

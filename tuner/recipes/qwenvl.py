@@ -2,8 +2,8 @@
 
 The pipeline, top to bottom: resolve the model -> device and Accelerator -> write the resolved config
 -> read the conversations -> load model and processor, bound image pixels -> LoRA on the chosen targets
--> encode samples lazily, drop over-long ones -> length-grouped batches -> optimizer and schedule -> the
-shared training loop -> save the adapter -> greedy answers to a few training prompts.
+-> encode samples lazily, drop over-long ones -> length-grouped batches, padded or packed -> optimizer
+and schedule -> the shared training loop -> save the adapter -> greedy answers to a few training prompts.
 
 Loss: the model's own causal-LM loss on the labels, i.e. the mean over the supervised (assistant)
 tokens of one micro-batch. With gradient accumulation, Accelerate averages these per-micro-batch means,
@@ -30,9 +30,14 @@ from tuner.data.conversations import Conversation, ConversationRecords, load_con
 from tuner.data.images import load_image_rgb
 from tuner.data.sampling import GroupedBatchSampler, held_out_indices
 from tuner.data.vl_encoding import (
+    SAMPLE_LENGTHS,
     EncodedSample,
+    RopeIndex,
     collate_vl,
+    collate_vl_packed,
     encode_conversation,
+    packed_model_inputs,
+    samples_in_batch,
     set_pixel_bounds,
     token_length,
 )
@@ -43,6 +48,7 @@ from tuner.models.qwenvl import (
     enable_gradient_checkpointing,
     load_qwenvl,
     lora_target_modules,
+    rope_index_of,
     save_adapter,
 )
 from tuner.models.qwenvl_patches import apply_fast_paths
@@ -125,8 +131,11 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
     batch_sampler = GroupedBatchSampler(
         groups, batch_size=config.train.batch_size, seed=config.train.seed, shuffle=True, drop_last=False
     )
-    collate = functools.partial(
-        collate_vl, pad_token_id=processor.tokenizer.pad_token_id, padding_side="right"
+    pad_token_id = processor.tokenizer.pad_token_id
+    collate = (
+        collate_vl_packed
+        if config.data.packing
+        else functools.partial(collate_vl, pad_token_id=pad_token_id, padding_side="right")
     )
     validation_batches = validation_batches_of(
         processor, validation_conversations, config.data.max_length, config.train.batch_size, collate
@@ -142,7 +151,9 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
 
     job = TrainingJob(
         model=peft_model,
-        loss_fn=functools.partial(causal_lm_loss, dummy_image=dummy_image_inputs(processor)),
+        loss_fn=functools.partial(
+            causal_lm_loss, dummy_image=dummy_image_inputs(processor), rope_index=rope_index_of(peft_model)
+        ),
         dataset=dataset,
         batch_sampler=batch_sampler,
         collate_fn=collate,
@@ -157,7 +168,7 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
         ),
         validation_batches=validation_batches,
         num_workers=config.data.num_workers,
-        batch_size_of=lambda batch: batch["input_ids"].shape[0],
+        batch_size_of=samples_in_batch,
     )
     run_training(job, settings, accelerator, output_dir, resume)
 
@@ -258,8 +269,16 @@ def validation_batches_of(
     return [collate(samples[start : start + batch_size]) for start in range(0, len(samples), batch_size)]
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict, dummy_image: dict | None = None) -> torch.Tensor:
+def causal_lm_loss(
+    model: torch.nn.Module,
+    batch: dict,
+    dummy_image: dict | None = None,
+    rope_index: RopeIndex | None = None,
+) -> torch.Tensor:
     """The model's own shifted cross-entropy, averaged over the batch's supervised tokens.
+
+    A packed batch (`data.packing`) gets its per-sample position ids from `rope_index`, the model's
+    own M-RoPE function (see `packed_model_inputs`).
 
     A batch without images skips the vision tower. In a multi-process run another process's batch may
     have one, and then the processes disagree on which weights take part in the step: DDP waits forever
@@ -267,7 +286,11 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict, dummy_image: dict | None
     also runs `dummy_image` (see `dummy_image_inputs`) through the vision tower, times zero: every
     process runs the same modules, and the loss and gradients do not change.
     """
-    loss = model(**batch, use_cache=False).loss
+    if SAMPLE_LENGTHS in batch:
+        if rope_index is None:
+            raise ConfigError("a packed batch needs the model's rope_index to place its samples")
+        batch = packed_model_inputs(batch, rope_index)
+    loss = model(**{**batch, "use_cache": False}).loss
     if dummy_image is not None and "pixel_values" not in batch:
         # DDP / DeepSpeed wrap the PEFT model in `.module`; PEFT forwards the call to the base model.
         inner = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
