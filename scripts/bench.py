@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tuner.bench.measure import RunFigures, environment_description
-from tuner.bench.rounds import compare_in_rounds
+from tuner.bench.rounds import compare_in_rounds, rates_of
 from tuner.bench.sdxl_shapes import DEFAULT_RESOLUTION
 
 
@@ -90,17 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment_description(torch.device(device)),
         "runs": [figure.as_dict() for figure in figures],
         "rounds": [[figure.as_dict() for figure in round_figures] for round_figures in compared.rounds],
-        "steps_per_s_ratios": compared.steps_per_s_ratios,
+        "rate_ratios": compared.rate_ratios,
     }
-    print(format_report(figures, compared.steps_per_s_ratios))
+    print(format_report(figures, compared.rate_ratios))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     return 0
 
 
-def format_report(figures: list[RunFigures], round_ratios: dict[str, list[float]] | None = None) -> str:
-    """One line per trainer (medians over rounds), then each later trainer's ratio to the first (the
-    reference); with several rounds the steps/s ratio is the median of the per-round ratios."""
+def format_report(
+    figures: list[RunFigures], rate_ratios: dict[str, dict[str, list[float]]] | None = None
+) -> str:
+    """One line per trainer (medians over rounds), then each later trainer's ratios to the first (the
+    reference): every rate (steps/s, tokens/s, ...) as the median of its per-round ratios when there
+    were rounds, then time to first step and peak memory."""
     lines = []
     for figure in figures:
         line = (
@@ -115,17 +118,21 @@ def format_report(figures: list[RunFigures], round_ratios: dict[str, list[float]
         line += "".join(f", {key} {value:.4g}" for key, value in figure.extra.items())
         lines.append(line)
     reference = figures[0]
-    round_ratios = round_ratios or {}
     for figure in figures[1:]:
-        per_round = round_ratios.get(figure.name, [])
-        single_ratio = figure.steps_per_s / reference.steps_per_s
-        steps_ratio = statistics.median(per_round) if per_round else single_ratio
-        rounds_note = f" (rounds: {', '.join(f'x{r:.2f}' for r in per_round)})" if len(per_round) > 1 else ""
-        lines.append(
-            f"{figure.name} / {reference.name}: steps/s x{steps_ratio:.2f}{rounds_note}, "
-            f"time to first step x{figure.time_to_first_step_s / reference.time_to_first_step_s:.2f}, "
-            f"peak memory x{figure.peak_memory_mb / reference.peak_memory_mb:.2f}"
-        )
+        per_rate = (rate_ratios or {}).get(figure.name) or {
+            rate: [value / rates_of(reference)[rate]]
+            for rate, value in rates_of(figure).items()
+            if rate in rates_of(reference)
+        }
+        parts = []
+        for rate, per_round in per_rate.items():
+            listed = ", ".join(f"x{ratio:.2f}" for ratio in per_round)
+            rounds_note = f" (rounds: {listed})" if len(per_round) > 1 else ""
+            parts.append(f"{rate} x{statistics.median(per_round):.2f}{rounds_note}")
+        first_step_ratio = figure.time_to_first_step_s / reference.time_to_first_step_s
+        parts.append(f"time to first step x{first_step_ratio:.2f}")
+        parts.append(f"peak memory x{figure.peak_memory_mb / reference.peak_memory_mb:.2f}")
+        lines.append(f"{figure.name} / {reference.name}: " + ", ".join(parts))
     return "\n".join(lines)
 
 

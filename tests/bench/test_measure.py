@@ -63,8 +63,15 @@ def test_mfu_needs_a_known_accelerator():
 def test_report_names_each_ratio_against_the_reference():
     from scripts_bench import format_report
 
-    reference = RunFigures("baseline", 1.0, 2.0, 10.0, 1000.0, "CPU RSS")
-    ours = RunFigures("ours", 1.5, 3.0, 12.0, 900.0, "CPU RSS", extra={"padding fraction": 0.05})
+    reference = RunFigures("baseline", 1.0, 2.0, 10.0, 1000.0, "CPU RSS", extra={"tokens/s": 100.0})
+    ours = RunFigures(
+        "ours", 1.5, 3.0, 12.0, 900.0, "CPU RSS", extra={"padding fraction": 0.05, "tokens/s": 130.0}
+    )
     report = format_report([reference, ours])
-    assert "ours / baseline: steps/s x1.50, time to first step x1.20, peak memory x0.90" in report
+    expected = "ours / baseline: steps/s x1.50, tokens/s x1.30, time to first step x1.20, peak memory x0.90"
+    assert expected in report
     assert "padding fraction 0.05" in report
+    rounds = {"ours": {"steps/s": [1.4, 1.6, 1.2], "tokens/s": [1.3, 1.1, 1.2]}}
+    assert "steps/s x1.40 (rounds: x1.40, x1.60, x1.20), tokens/s x1.20 (rounds:" in format_report(
+        [reference, ours], rounds
+    )

@@ -22,7 +22,8 @@ def test_rounds_alternate_the_order_and_report_median_per_round_ratios():
 
     def trainer(name: str, factor: float) -> RunFigures:
         calls.append(name)
-        return _figures(name, factor * next(speed), pid=os.getpid())
+        speed_now = next(speed)
+        return _figures(name, factor * speed_now, pid=os.getpid(), **{"tokens/s": 100 * factor * speed_now})
 
     compared = compare_in_rounds(
         [functools.partial(trainer, "base", 1.0), functools.partial(trainer, "ours", 1.5)],
@@ -31,9 +32,12 @@ def test_rounds_alternate_the_order_and_report_median_per_round_ratios():
         isolate=False,
     )
     assert calls == ["base", "ours", "ours", "base", "base", "ours"]
-    ratios = compared.steps_per_s_ratios["ours"]
-    assert ratios == pytest.approx([1.5 * 0.9 / 1.0, 1.5 * 0.8 / 0.7, 1.5 * 0.5 / 0.6])
-    assert compared.median_ratio("ours") == pytest.approx(1.5 * 0.9 / 1.0)
+    ratios = compared.rate_ratios["ours"]
+    expected = [1.5 * 0.9 / 1.0, 1.5 * 0.8 / 0.7, 1.5 * 0.5 / 0.6]
+    # Rates only: the pid is an extra figure but not one per second.
+    assert set(ratios) == {"steps/s", "tokens/s"}
+    assert ratios["steps/s"] == pytest.approx(expected) and ratios["tokens/s"] == pytest.approx(expected)
+    assert compared.median_ratio("ours") == compared.median_ratio("ours", "tokens/s") == pytest.approx(1.35)
     base, ours = compared.figures
     assert base.steps_per_s == pytest.approx(0.7) and ours.steps_per_s == pytest.approx(1.5 * 0.8)
     assert ours.samples_per_s == pytest.approx(2 * 1.5 * 0.8)

@@ -87,11 +87,12 @@ def test_console_script_runs_in_a_real_subprocess():
     assert result.stderr.startswith("error: unknown preset 'nope'")
 
 
-def test_packing_flag_reaches_the_run(capsys, tmp_path):
+def test_packing_and_attention_flags_reach_the_run(capsys, tmp_path):
     output = tmp_path / "run"
     argv = ("train", "qwenvl-lora", "--preset", "tiny-cpu", "--output", str(output), "--packing")
-    code, _, err = run_cli(capsys, *argv, "--max-steps", "1")
+    code, out, err = run_cli(capsys, *argv, "--attention", "eager", "--max-steps", "1")
     assert code == 0, err
     resolved = yaml.safe_load((output / "tuner_config.yaml").read_text())
-    assert resolved["data"]["packing"] is True
+    assert resolved["data"]["packing"] is True and resolved["model"]["attention"] == "eager"
+    assert "data.packing with attention=eager" in out
     assert (output / "adapter_model.safetensors").is_file()

@@ -24,17 +24,27 @@ from tuner.bench.measure import RunFigures
 Trainer = Callable[[], RunFigures]  # picklable: a module-level function or a functools.partial of one
 
 
+STEPS_PER_S = "steps/s"
+
+
 @dataclass
 class ComparedRuns:
     """Each trainer's figures (medians over rounds) and, for every trainer after the first (the
-    reference), the per-round ratios of its steps/s to the reference's."""
+    reference), the per-round ratios of each of its rates to the reference's: steps/s, and every extra
+    figure counted per second (tokens/s for Qwen-VL, whose steps differ in size)."""
 
     figures: list[RunFigures]
     rounds: list[list[RunFigures]]
-    steps_per_s_ratios: dict[str, list[float]] = field(default_factory=dict)
+    rate_ratios: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
-    def median_ratio(self, name: str) -> float:
-        return statistics.median(self.steps_per_s_ratios[name])
+    def median_ratio(self, name: str, rate: str = STEPS_PER_S) -> float:
+        return statistics.median(self.rate_ratios[name][rate])
+
+
+def rates_of(figures: RunFigures) -> dict[str, float]:
+    """steps/s and the extra figures whose name ends in "/s"."""
+    extra_rates = {key: value for key, value in figures.extra.items() if key.endswith("/s")}
+    return {STEPS_PER_S: figures.steps_per_s, **extra_rates}
 
 
 def compare_in_rounds(
@@ -54,7 +64,11 @@ def compare_in_rounds(
         runs.append([results[index] for index in range(len(trainers))])
     figures = [_median_figures([run[index] for run in runs]) for index in range(len(trainers))]
     ratios = {
-        runs[0][index].name: [run[index].steps_per_s / run[0].steps_per_s for run in runs]
+        runs[0][index].name: {
+            rate: [rates_of(run[index])[rate] / rates_of(run[0])[rate] for run in runs]
+            for rate in rates_of(runs[0][index])
+            if rate in rates_of(runs[0][0])
+        }
         for index in range(1, len(trainers))
     }
     return ComparedRuns(figures, runs, ratios)

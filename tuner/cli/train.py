@@ -37,6 +37,10 @@ ImageRoot = Annotated[str | None, typer.Option("--image-root", help="Folder imag
 MaxPixels = Annotated[int | None, typer.Option("--max-pixels", help="Upper bound of pixels per image.")]
 MinPixels = Annotated[int | None, typer.Option("--min-pixels", help="Lower bound of pixels per image.")]
 MaxLength = Annotated[int | None, typer.Option("--max-length", help="Longest sample in tokens.")]
+Attention = Annotated[
+    str | None,
+    typer.Option("--attention", help="Attention kernel: sdpa, flash_attention_2 (CUDA, flash-attn), eager."),
+]
 Packing = Annotated[
     bool | None,
     typer.Option("--packing", help="Put a batch's samples end to end in one row (no padding)."),
@@ -162,6 +166,7 @@ def qwenvl_lora(
     min_pixels: MinPixels = None,
     max_length: MaxLength = None,
     packing: Packing = None,
+    attention: Attention = None,
     targets: Targets = None,
     batch_size: options.BatchSize = None,
     grad_accum: options.GradAccum = None,
@@ -202,6 +207,7 @@ def qwenvl_lora(
         "data.min_pixels": min_pixels,
         "data.max_length": max_length,
         "data.packing": packing,
+        "model.attention": attention,
         "model.trust_remote_code": trust_remote_code,
         "runtime.distributed": distributed,
         "lora.targets": [t.strip() for t in targets.split(",") if t.strip()] if targets else None,

@@ -131,6 +131,11 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
     batch_sampler = GroupedBatchSampler(
         groups, batch_size=config.train.batch_size, seed=config.train.seed, shuffle=True, drop_last=False
     )
+    if config.data.packing and config.model.attention != "flash_attention_2":
+        print(
+            f"data.packing with attention={config.model.attention}: a mask keeps the samples apart but "
+            "attention still spans the whole row; flash_attention_2 attends within each sample"
+        )
     pad_token_id = processor.tokenizer.pad_token_id
     collate = (
         collate_vl_packed
