@@ -17,7 +17,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from transformers import AutoConfig, AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, PretrainedConfig, Qwen2_5_VLForConditionalGeneration
 
 from tuner.bench.measure import PeakMemory, RunFigures, StepClock, TimedLoss
 from tuner.bench.rounds import Trainer
@@ -90,8 +90,18 @@ def build_qwenvl_model(scale: str, folder: Path, seed: int = 0) -> Path:
     if (folder / ".complete").exists():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
-    tiny = build_tiny("qwen2.5-vl")
-    config = AutoConfig.from_pretrained(tiny)
+    config = qwenvl_config(scale)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.to(torch.bfloat16 if scale == "full" else torch.float32).save_pretrained(folder)
+    AutoProcessor.from_pretrained(build_tiny("qwen2.5-vl")).save_pretrained(folder)
+    (folder / ".complete").touch()
+    return folder
+
+
+def qwenvl_config(scale: str) -> PretrainedConfig:
+    """The Qwen2.5-VL config at `scale` (the rest from the tiny Qwen2.5-VL)."""
+    config = AutoConfig.from_pretrained(build_tiny("qwen2.5-vl"))
     config.text_config.update(_TEXT[scale])
     config.text_config.rope_parameters = {
         **config.text_config.rope_parameters,
@@ -101,12 +111,10 @@ def build_qwenvl_model(scale: str, folder: Path, seed: int = 0) -> Path:
     # Derived from the layer count when a config is built; a changed count needs a new list.
     config.text_config.layer_types = ["full_attention"] * config.text_config.num_hidden_layers
     config.vision_config.update(_VISION[scale])
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.to(torch.bfloat16 if scale == "full" else torch.float32).save_pretrained(folder)
-    AutoProcessor.from_pretrained(tiny).save_pretrained(folder)
-    (folder / ".complete").touch()
-    return folder
+    if scale == "full":
+        # Qwen2.5-VL-3B shares its input embedding with the LM head (the 7B does not): 311 M parameters.
+        config.tie_word_embeddings = True
+    return config
 
 
 def write_conversations(folder: Path, count: int, seed: int = 0) -> Path:

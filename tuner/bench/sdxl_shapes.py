@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,6 +61,42 @@ CLIP_VOCAB = 49408
 SHAPES = ("square", "circle", "triangle")
 
 
+@dataclass
+class SDXLConfigs:
+    text_encoder: CLIPTextConfig
+    text_encoder_2: CLIPTextConfig
+    unet: dict
+    vae: dict
+
+
+def sdxl_configs(scale: str) -> SDXLConfigs:
+    """The configs of the four SDXL models at `scale` (the rest of each config from the tiny SDXL)."""
+    tiny = build_tiny("sdxl")
+    text_sizes = _TEXT_FULL if scale == "full" else _TEXT_SMALL
+    encoders = []
+    for subfolder, sizes in zip(("text_encoder", "text_encoder_2"), text_sizes, strict=True):
+        config = CLIPTextConfig.from_pretrained(tiny / subfolder)
+        config.update({**sizes, "vocab_size": CLIP_VOCAB})
+        encoders.append(config)
+    unet_sizes = _UNET_FULL if scale == "full" else _UNET_SMALL
+    unet = {
+        **UNet2DConditionModel.load_config(tiny / "unet"),
+        **unet_sizes,
+        "sample_size": DEFAULT_RESOLUTION[scale] // 8,
+        "cross_attention_dim": encoders[0].hidden_size + encoders[1].hidden_size,
+        "projection_class_embeddings_input_dim": 6 * unet_sizes["addition_time_embed_dim"]
+        + encoders[1].projection_dim,
+    }
+    vae = {
+        **AutoencoderKL.load_config(tiny / "vae"),
+        "block_out_channels": _VAE_BLOCKS[scale],
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": DEFAULT_RESOLUTION[scale],
+    }
+    return SDXLConfigs(encoders[0], encoders[1], unet, vae)
+
+
 def build_sdxl_pipeline(scale: str, folder: Path, seed: int = 0) -> Path:
     """Write an SDXL pipeline of `scale` with random weights to `folder` (once; reused when present)."""
     done = folder / ".complete"
@@ -75,35 +112,11 @@ def build_sdxl_pipeline(scale: str, folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     # Half-precision weights at full scale keep the folder at ~7 GB; training loads them in its own dtype.
     dtype = torch.bfloat16 if scale == "full" else torch.float32
-    text_sizes = _TEXT_FULL if scale == "full" else _TEXT_SMALL
-    encoders = []
-    for index, (model_class, sizes) in enumerate(
-        ((CLIPTextModel, text_sizes[0]), (CLIPTextModelWithProjection, text_sizes[1]))
-    ):
-        subfolder = "text_encoder" if index == 0 else "text_encoder_2"
-        config = CLIPTextConfig.from_pretrained(tiny / subfolder)
-        config.update({**sizes, "vocab_size": CLIP_VOCAB})
-        encoder = model_class(config)
-        encoder.to(dtype).save_pretrained(folder / subfolder)
-        encoders.append(config)
-    unet_sizes = _UNET_FULL if scale == "full" else _UNET_SMALL
-    projection = encoders[1].projection_dim
-    unet_config = {
-        **UNet2DConditionModel.load_config(tiny / "unet"),
-        **unet_sizes,
-        "sample_size": DEFAULT_RESOLUTION[scale] // 8,
-        "cross_attention_dim": encoders[0].hidden_size + encoders[1].hidden_size,
-        "projection_class_embeddings_input_dim": 6 * unet_sizes["addition_time_embed_dim"] + projection,
-    }
-    UNet2DConditionModel.from_config(unet_config).to(dtype).save_pretrained(folder / "unet")
-    vae_config = {
-        **AutoencoderKL.load_config(tiny / "vae"),
-        "block_out_channels": _VAE_BLOCKS[scale],
-        "layers_per_block": 2,
-        "norm_num_groups": 32,
-        "sample_size": DEFAULT_RESOLUTION[scale],
-    }
-    AutoencoderKL.from_config(vae_config).save_pretrained(folder / "vae")
+    configs = sdxl_configs(scale)
+    CLIPTextModel(configs.text_encoder).to(dtype).save_pretrained(folder / "text_encoder")
+    CLIPTextModelWithProjection(configs.text_encoder_2).to(dtype).save_pretrained(folder / "text_encoder_2")
+    UNet2DConditionModel.from_config(configs.unet).to(dtype).save_pretrained(folder / "unet")
+    AutoencoderKL.from_config(configs.vae).save_pretrained(folder / "vae")
     done.touch()
     return folder
 
