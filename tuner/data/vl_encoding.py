@@ -252,18 +252,8 @@ def collate_vl(
         "labels": padded([s.labels for s in samples], IGNORE_INDEX),
     }
     if any(s.mm_token_type_ids is not None for s in samples):
-        batch["mm_token_type_ids"] = padded(
-            [
-                s.mm_token_type_ids if s.mm_token_type_ids is not None else torch.zeros_like(s.input_ids)
-                for s in samples
-            ],
-            0,
-        )
-    with_images = [s for s in samples if s.pixel_values is not None]
-    if with_images:
-        batch["pixel_values"] = torch.cat([s.pixel_values for s in with_images])
-        batch["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_images])
-    return batch
+        batch["mm_token_type_ids"] = padded([_token_types(s) for s in samples], 0)
+    return batch | _images_of(samples)
 
 
 def collate_vl_packed(samples: list[EncodedSample]) -> dict[str, torch.Tensor | tuple[int, ...]]:
@@ -292,17 +282,26 @@ def collate_vl_packed(samples: list[EncodedSample]) -> dict[str, torch.Tensor | 
         SAMPLE_IMAGE_COUNTS: tuple(0 if s.image_grid_thw is None else len(s.image_grid_thw) for s in samples),
     }
     if any(s.mm_token_type_ids is not None for s in samples):
-        batch["mm_token_type_ids"] = torch.cat(
-            [
-                s.mm_token_type_ids if s.mm_token_type_ids is not None else torch.zeros_like(s.input_ids)
-                for s in samples
-            ]
-        )[None]
+        batch["mm_token_type_ids"] = torch.cat([_token_types(s) for s in samples])[None]
+    return batch | _images_of(samples)
+
+
+def _token_types(sample: EncodedSample) -> torch.Tensor:
+    """The sample's modality per token (0 text, 1 image); all text when the processor gave none."""
+    if sample.mm_token_type_ids is not None:
+        return sample.mm_token_type_ids
+    return torch.zeros_like(sample.input_ids)
+
+
+def _images_of(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
+    """`pixel_values` and `image_grid_thw` of every image, in sample order; empty without images."""
     with_images = [s for s in samples if s.pixel_values is not None]
-    if with_images:
-        batch["pixel_values"] = torch.cat([s.pixel_values for s in with_images])
-        batch["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_images])
-    return batch
+    if not with_images:
+        return {}
+    return {
+        "pixel_values": torch.cat([s.pixel_values for s in with_images]),
+        "image_grid_thw": torch.cat([s.image_grid_thw for s in with_images]),
+    }
 
 
 RopeIndex = Callable[..., tuple[torch.Tensor, torch.Tensor]]
