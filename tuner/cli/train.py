@@ -39,7 +39,9 @@ MinPixels = Annotated[int | None, typer.Option("--min-pixels", help="Lower bound
 MaxLength = Annotated[int | None, typer.Option("--max-length", help="Longest sample in tokens.")]
 Attention = Annotated[
     str | None,
-    typer.Option("--attention", help="Attention kernel: sdpa, flash_attention_2 (CUDA, flash-attn), eager."),
+    typer.Option(
+        "--attention", help="Attention kernel: sdpa, flash_attention_2 (flash-attn / torch_npu), eager."
+    ),
 ]
 Packing = Annotated[
     bool | None,

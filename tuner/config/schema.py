@@ -34,7 +34,8 @@ class ModelConfig(Section):
     single_file_config: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    # Attention kernel: `sdpa` everywhere, `flash_attention_2` on CUDA when installed, `eager` to debug.
+    # Attention kernel: `sdpa` everywhere; `flash_attention_2` with the flash-attn package on CUDA, or
+    # torch_npu's fused attention on Ascend (transformers routes it there); `eager` to debug.
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     # Qwen-VL fast paths (tuner.models.qwenvl_patches): the vision patch embedding as the identical
     # Linear (Conv3d is slow and lacks bf16 kernels on older CANN); torch_npu's fused RMSNorm/rotary/
@@ -73,7 +74,7 @@ class DataConfig(Section):
     overlength: Literal["drop", "truncate"] = "drop"
     group_by_length: bool = True
     # Qwen-VL: a batch's samples end to end in one row instead of padded rows (no padding at all; attention
-    # stays inside each sample). Pays off with flash attention's variable-length kernels; with eager/SDPA
+    # stays inside each sample). Pays off with flash_attention_2's variable-length kernels; with eager/SDPA
     # the block-diagonal mask still costs the attention of the whole row.
     packing: bool = False
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)

@@ -147,7 +147,7 @@ def load_qwenvl(
     except (ImportError, ValueError) as error:
         raise ModelError(
             f"cannot load model {name_or_path} with attention {attention!r}: {error}",
-            hint="use --attention sdpa (flash_attention_2 needs CUDA and the flash-attn package)",
+            hint="use --attention sdpa (flash_attention_2 needs flash-attn on CUDA, or torch_npu on Ascend)",
         ) from error
     try:
         processor = AutoProcessor.from_pretrained(
