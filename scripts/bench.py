@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tuner.bench.measure import RunFigures, environment_description
+from tuner.bench.profiling import PROFILE_STEPS
 from tuner.bench.rounds import compare_in_rounds, rates_of
 from tuner.bench.sdxl_shapes import DEFAULT_RESOLUTION
 
@@ -46,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="run our trainer only")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="Qwen-VL: also with it on")
     parser.add_argument("--packing", action="store_true", help="Qwen-VL: also packed batches, random order")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"profile {PROFILE_STEPS} steps of our trainer(s) after warm-up into DIR (not in the rates)",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "tuner-bench")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
@@ -65,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             resolution=args.resolution or DEFAULT_RESOLUTION[args.scale],
             images=args.samples or 16,
+            profile_dir=args.profile,
         )
         switches = (("channels_last", args.channels_last), ("compile", args.compile))
         variants = tuple(name for name, on in switches if on)
@@ -80,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             conversations=args.samples or 64,
             gradient_checkpointing=args.gradient_checkpointing,
             packing=args.packing,
+            profile_dir=args.profile,
         )
         trainers = qwenvl_trainers(settings, args.work_dir)
     compared = compare_in_rounds(trainers, args.rounds, args.threads, isolate=not args.same_process)

@@ -16,6 +16,8 @@ import psutil
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tuner.bench.profiling import StepProfiler
+
 # Dense bf16 tensor-core peaks (no sparsity), in FLOP/s, from the vendors' data sheets.
 PEAK_BF16_FLOPS: dict[str, float] = {
     "H100": 989e12,  # SXM; the PCIe card is 756e12
@@ -175,6 +177,7 @@ class TimedLoss:
 
     Step `flops_step` runs under a FlopCounterMode, entered at its start and left at the next call's
     start, so its forward, backward and optimizer step are counted; keep it inside the warm-up.
+    `profiler` (a `StepProfiler`) is told of every step before it is timed.
     """
 
     def __init__(
@@ -183,8 +186,10 @@ class TimedLoss:
         loss_fn: Callable[..., torch.Tensor],
         samples_of: Callable[[Any], int],
         flops_step: int | None = None,
+        profiler: StepProfiler | None = None,
     ) -> None:
         self.clock = clock
+        self.profiler = profiler
         self.loss_fn = loss_fn
         self.samples_of = samples_of
         self.flops_step = flops_step
@@ -194,11 +199,19 @@ class TimedLoss:
     def __call__(self, model: torch.nn.Module, batch: Any, **options: Any) -> torch.Tensor:
         self.stop_counting()
         step = len(self.clock.step_starts)
+        if self.profiler is not None:
+            self.profiler.on_step(step)
         self.clock.tick(self.samples_of(batch))
         if step == self.flops_step:
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
         return self.loss_fn(model, batch, **options)
+
+    def finish(self) -> None:
+        """After training: stop counting and profiling if the run ended before they did."""
+        self.stop_counting()
+        if self.profiler is not None:
+            self.profiler.finish()
 
     def stop_counting(self) -> None:
         if self._counter is not None:

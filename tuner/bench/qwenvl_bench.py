@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor, PretrainedConfig, Qwen2_5_VLForConditionalGeneration
 
 from tuner.bench.measure import PeakMemory, RunFigures, StepClock, TimedLoss
+from tuner.bench.profiling import profiler_for
 from tuner.bench.rounds import Trainer
 from tuner.config.schema import RunConfig
 from tuner.data.vl_encoding import samples_in_batch
@@ -79,6 +80,7 @@ class QwenVLBenchSettings:
     seed: int = 0
     gradient_checkpointing: bool = False
     packing: bool = False
+    profile_dir: Path | None = None  # profile each trainer's steps after warm-up into this folder
 
     @property
     def mixed_precision(self) -> str:
@@ -171,6 +173,8 @@ def train_qwenvl(
     from tuner.recipes import qwenvl as recipe
 
     device = torch.device(settings.device)
+    profiler = profiler_for(settings.profile_dir, variant.name, device, WARMUP_STEPS)
+    first_timed_step = profiler.end if profiler else WARMUP_STEPS
     clock = StepClock()
     step_tokens: list[tuple[int, int, int]] = []  # (computed, real, supervised) per step
 
@@ -181,7 +185,7 @@ def train_qwenvl(
         step_tokens.append((computed, real, int((batch["labels"] != -100).sum())))
         return samples_in_batch(batch)
 
-    timed = TimedLoss(clock, recipe.causal_lm_loss, count)
+    timed = TimedLoss(clock, recipe.causal_lm_loss, count, profiler=profiler)
     with tempfile.TemporaryDirectory(prefix="bench-qwenvl-") as output, PeakMemory(device) as memory:
         config = RunConfig.model_validate(
             {
@@ -208,12 +212,12 @@ def train_qwenvl(
             mock.patch.object(recipe, "SAMPLE_PROMPTS", 0),
         ):
             recipe.train_qwenvl_lora(config)
+        timed.finish()
     # Tokens of the timed steps only: after warm-up, and not the last step (it has no end time).
-    seconds = clock.step_seconds(WARMUP_STEPS)
-    padded, real, supervised = (
-        sum(column) for column in zip(*step_tokens[WARMUP_STEPS : WARMUP_STEPS + len(seconds)], strict=True)
-    )
-    steps_per_s, samples_per_s = clock.rates(WARMUP_STEPS)
+    seconds = clock.step_seconds(first_timed_step)
+    timed_tokens = step_tokens[first_timed_step : first_timed_step + len(seconds)]
+    padded, real, supervised = (sum(column) for column in zip(*timed_tokens, strict=True))
+    steps_per_s, samples_per_s = clock.rates(first_timed_step)
     return RunFigures(
         name=variant.name,
         steps_per_s=steps_per_s,

@@ -12,6 +12,7 @@ from unittest import mock
 import torch
 
 from tuner.bench.measure import PeakMemory, RunFigures, StepClock, TimedLoss, model_flops_utilisation
+from tuner.bench.profiling import profiler_for
 from tuner.bench.rounds import Trainer
 from tuner.bench.sdxl_baseline import train_baseline_sdxl
 from tuner.bench.sdxl_shapes import build_sdxl_pipeline, write_captioned_images
@@ -34,6 +35,7 @@ class SDXLBenchSettings:
     seed: int = 0
     compile: bool = False
     channels_last: bool = False
+    profile_dir: Path | None = None  # profile our trainer's steps after warm-up into this folder
 
     @property
     def mixed_precision(self) -> str:
@@ -110,17 +112,20 @@ def train_ours_sdxl(settings: SDXLBenchSettings, model_dir: Path, data_dir: Path
     from tuner.recipes import sdxl as recipe
 
     device = torch.device(settings.device)
+    name = "ours (tuner recipe)" + (" + compile" if settings.compile else "")
+    name += " + channels_last" if settings.channels_last else ""
+    profiler = profiler_for(settings.profile_dir, name, device, WARMUP_STEPS)
     clock = StepClock()
-    timed = TimedLoss(clock, recipe.batch_loss, lambda batch: batch["time_ids"].shape[0], FLOPS_STEP)
+    timed = TimedLoss(
+        clock, recipe.batch_loss, lambda batch: batch["time_ids"].shape[0], FLOPS_STEP, profiler
+    )
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as output, PeakMemory(device) as memory:
         config = ours_config(settings, model_dir, data_dir, Path(output))
         with mock.patch.object(recipe, "batch_loss", timed):
             recipe.train_sdxl_lora(config)
-        timed.stop_counting()
+        timed.finish()
     # The last step ends when sampling starts; the step starts are what the median uses.
-    steps_per_s, samples_per_s = clock.rates(WARMUP_STEPS)
-    name = "ours (tuner recipe)" + (" + compile" if settings.compile else "")
-    name += " + channels_last" if settings.channels_last else ""
+    steps_per_s, samples_per_s = clock.rates(profiler.end if profiler else WARMUP_STEPS)
     return RunFigures(
         name=name,
         steps_per_s=steps_per_s,
