@@ -52,5 +52,5 @@ def test_profiled_steps_are_whole_steps_after_warm_up_and_written_out(tmp_path):
         assert summary.share_by_kind[kind] > 0, kind
     text = (tmp_path / "ours-a-tiny-net.profile.txt").read_text()
     assert "ms/step" in text and "aten::convolution" in text
-    assert (tmp_path / "ours-a-tiny-net.trace.json").stat().st_size > 0
+    assert (tmp_path / "ours-a-tiny-net.trace.json.gz").stat().st_size > 0
     assert len(clock.step_seconds(profiler.end)) == 1  # the one step timed after profiling

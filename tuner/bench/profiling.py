@@ -5,7 +5,7 @@ step `start` and stops at the start of step `start + count`, so whole steps (for
 optimizer, data) are recorded. Those steps are slowed by the profiler and are left out of the rates.
 The summary splits the operators' self time into kinds (matrix multiplies, attention, convolutions,
 normalisation, optimizer, copies, everything else) and lists the top operators; a Chrome trace
-(chrome://tracing, Perfetto) goes beside it.
+(chrome://tracing, Perfetto; gzipped, it is large) goes beside it.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def profiler_for(folder: Path | None, name: str, device: torch.device, warmup: i
 
 
 class StepProfiler:
-    """Profile steps [start, start + count) and write `<name>.profile.txt` and `<name>.trace.json`."""
+    """Profile steps [start, start + count) and write `<name>.profile.txt` and `<name>.trace.json.gz`."""
 
     def __init__(
         self, folder: Path, name: str, device: torch.device, start: int, count: int = PROFILE_STEPS
@@ -114,6 +114,6 @@ class StepProfiler:
         self.folder.mkdir(parents=True, exist_ok=True)
         text = f"{self.summary.describe()}\n\n{self.summary.table}\n"
         (self.folder / f"{self.slug}.profile.txt").write_text(text, encoding="utf-8")
-        self._profile.export_chrome_trace(str(self.folder / f"{self.slug}.trace.json"))
+        self._profile.export_chrome_trace(str(self.folder / f"{self.slug}.trace.json.gz"))
         print(f"profile of {self.count} steps: {self.summary.describe()} ({self.folder / self.slug}.*)")
         self._profile = None
