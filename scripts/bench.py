@@ -20,7 +20,7 @@ import torch
 
 from tuner.bench.measure import RunFigures, environment_description
 from tuner.bench.profiling import PROFILE_STEPS
-from tuner.bench.rounds import compare_in_rounds, rates_of
+from tuner.bench.rounds import compare_in_rounds, per_round_rate_ratios
 from tuner.bench.sdxl_shapes import DEFAULT_RESOLUTION
 
 
@@ -128,12 +128,10 @@ def format_report(
         line += "".join(f", {key} {value:.4g}" for key, value in figure.extra.items())
         lines.append(line)
     reference = figures[0]
+    # Without rounds, the ratios of these figures alone (one round).
+    rate_ratios = rate_ratios or per_round_rate_ratios([figures])
     for figure in figures[1:]:
-        per_rate = (rate_ratios or {}).get(figure.name) or {
-            rate: [value / rates_of(reference)[rate]]
-            for rate, value in rates_of(figure).items()
-            if rate in rates_of(reference)
-        }
+        per_rate = rate_ratios[figure.name]
         parts = []
         for rate, per_round in per_rate.items():
             listed = ", ".join(f"x{ratio:.2f}" for ratio in per_round)

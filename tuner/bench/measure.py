@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import statistics
 import threading
 import time
@@ -17,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tuner.bench.profiling import StepProfiler
+from tuner.runtime.device import release_host_memory
 
 # Dense bf16 tensor-core peaks (no sparsity), in FLOP/s, from the vendors' data sheets.
 PEAK_BF16_FLOPS: dict[str, float] = {
@@ -136,14 +135,9 @@ def _accelerator_module(device: torch.device):
 
 
 def release_freed_memory() -> None:
-    """Collect garbage and hand freed heap back to the OS, so the next phase's RSS starts low.
-
-    glibc keeps freed arenas mapped; without `malloc_trim` a second trainer in the same process would be
-    charged for the first one's freed memory.
-    """
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    """Hand freed host heap (and the CUDA cache) back, so the next phase's memory starts low: without
+    it a second trainer in the same process would be charged for the first one's freed memory."""
+    release_host_memory()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -63,15 +63,19 @@ def compare_in_rounds(
             results[index] = _run_fresh(trainers[index], threads) if isolate else trainers[index]()
         runs.append([results[index] for index in range(len(trainers))])
     figures = [_median_figures([run[index] for run in runs]) for index in range(len(trainers))]
-    ratios = {
-        runs[0][index].name: {
-            rate: [rates_of(run[index])[rate] / rates_of(run[0])[rate] for run in runs]
-            for rate in rates_of(runs[0][index])
-            if rate in rates_of(runs[0][0])
+    return ComparedRuns(figures, runs, per_round_rate_ratios(runs))
+
+
+def per_round_rate_ratios(runs: list[list[RunFigures]]) -> dict[str, dict[str, list[float]]]:
+    """Trainer name -> rate -> its per-round ratios to the first trainer's (the reference's) rate, for
+    every trainer after the first; `runs` holds one list of figures per round, trainers in order."""
+    ratios: dict[str, dict[str, list[float]]] = {}
+    for index, figures in enumerate(runs[0][1:], start=1):
+        shared = [rate for rate in rates_of(figures) if rate in rates_of(runs[0][0])]
+        ratios[figures.name] = {
+            rate: [rates_of(run[index])[rate] / rates_of(run[0])[rate] for run in runs] for rate in shared
         }
-        for index in range(1, len(trainers))
-    }
-    return ComparedRuns(figures, runs, ratios)
+    return ratios
 
 
 def _run_fresh(trainer: Trainer, threads: int | None) -> RunFigures:

@@ -146,6 +146,8 @@ def check_qwenvl_dataset(
     `processor` should be built with `min_pixels`/`max_pixels` (they decide how many tokens an image
     becomes); here they are only recorded in the statistics.
     """
+    if processor is not None:
+        from tuner.data.vl_encoding import token_length  # torch: only when measuring tokens
     scan = load_conversations(path, image_root, check_images=False)
     problems = list(scan.problems)
     images: dict[Path, _ImageFacts | Problem] = {}
@@ -188,8 +190,6 @@ def check_qwenvl_dataset(
             images_per_sample.append(len(conversation.images))
             text_words.append(_text_words(conversation.messages))
             if processor is not None:
-                from tuner.data.vl_encoding import token_length  # torch: only when measuring tokens
-
                 lengths.append(token_length(processor, conversation))
 
     sizes = [(facts.width, facts.height) for facts in images.values() if isinstance(facts, _ImageFacts)]
