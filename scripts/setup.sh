@@ -1,24 +1,57 @@
 #!/usr/bin/env bash
-# Create .venv and install tuner with its dev tools. Idempotent: a second run with the same
-# pyproject.toml does nothing. Needs only Python >= 3.10 and the package registries.
+# Create a venv and install tuner with its dev tools.
+#   scripts/setup.sh            .venv: exactly the tested set in requirements-lock.txt. Idempotent: a
+#                               second run with the same pyproject.toml and lock does nothing.
+#   scripts/setup.sh --latest   .venv-latest: the newest releases the index offers, ignoring the lock and
+#                               pyproject's upper bounds (torch still paired with its torchvision), to
+#                               find a breaking release on purpose; prints which packages moved.
+# Needs only Python >= 3.10 and the package registries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
-VENV=.venv
+LOCK=requirements-lock.txt
+LATEST=0
+[ "${1:-}" = "--latest" ] && LATEST=1
+if [ "$LATEST" = 1 ]; then VENV=.venv-latest; else VENV=.venv; fi
 STAMP="$VENV/.tuner-installed"
-WANT="$(sha256sum pyproject.toml | cut -c1-16)"
+WANT="$(cat pyproject.toml "$LOCK" | sha256sum | cut -c1-16)"
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$VENV/bin/python" -c "import tuner" 2>/dev/null; then
+if [ "$LATEST" = 0 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
+    && "$VENV/bin/python" -c "import tuner" 2>/dev/null; then
     exit 0
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-echo "setup: installing tuner and its dependencies into $VENV (about 2 minutes the first time)..."
-"$VENV/bin/python" -m pip install -q --upgrade pip
-# transformers 5.x's Qwen-VL processors need torchvision, and torchvision must match torch exactly:
-# install the pair first, pinned together (an unpinned peft/accelerate would pull another torch).
-"$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-"$VENV/bin/python" -m pip install -q -e ".[dev]" "torch==2.14.1" "torchvision==0.29.1"
-echo "$WANT" > "$STAMP"
+PIP=("$VENV/bin/python" -m pip install -q)
+if [ "$LATEST" = 0 ]; then
+    echo "setup: installing the locked set ($LOCK) into $VENV (about 2 minutes the first time)..."
+    "${PIP[@]}" -c "$LOCK" pip
+    # torch and torchvision first, as the locked pair: transformers 5.x's Qwen-VL processors need a
+    # torchvision built for the installed torch.
+    "${PIP[@]}" -c "$LOCK" torch torchvision
+    "${PIP[@]}" -c "$LOCK" -e ".[dev]"
+    # A venv made from an older lock may hold packages the new one dropped.
+    EXTRAS="$("$VENV/bin/python" scripts/lock_diff.py "$LOCK" --extras)"
+    if [ -n "$EXTRAS" ]; then
+        echo "setup: removing packages the lock does not name: $EXTRAS"
+        # shellcheck disable=SC2086
+        "$VENV/bin/python" -m pip uninstall -q -y $EXTRAS
+    fi
+    "$VENV/bin/python" scripts/lock_diff.py "$LOCK" --strict
+    echo "$WANT" > "$STAMP"
+else
+    # The same torch/torchvision pair as the lock: the newest torch pip may install here (see
+    # docs/development.md), and torchvision must be built for it.
+    PAIR=$(grep -E '^(torch|torchvision)==' "$LOCK" | tr '\n' ' ')
+    echo "setup: installing the newest releases into $VENV (torch pair: $PAIR)..."
+    "${PIP[@]}" --upgrade pip
+    # shellcheck disable=SC2086
+    "${PIP[@]}" $PAIR
+    "${PIP[@]}" --no-deps -e .
+    # Every requirement by name only, so pyproject's upper bounds do not hold the newest release back.
+    # shellcheck disable=SC2086
+    "${PIP[@]}" --upgrade $("$VENV/bin/python" scripts/lock_diff.py --requirement-names) $PAIR
+    "$VENV/bin/python" scripts/lock_diff.py "$LOCK" || true
+fi
 echo "setup: done"

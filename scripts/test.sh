@@ -1,11 +1,29 @@
 #!/usr/bin/env bash
-# Set up everything from nothing (venv, install, tiny models on first use) and run the whole suite.
-# Extra arguments go to pytest, e.g. scripts/test.sh -k config -x
+# Set up everything from nothing (venv with the locked set, tiny models on first use) and run the whole
+# suite. Extra arguments go to pytest, e.g. scripts/test.sh -k config -x
+#   scripts/test.sh --latest [PYTEST ARGS]   the same suite in .venv-latest, on the newest releases
+#                                            (not part of CI; see docs/development.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-export TUNER_TINY_DIR="${TUNER_TINY_DIR:-$PWD/.cache/tiny}"
+VENV=.venv
+TINY="$PWD/.cache/tiny"
+if [ "${1:-}" = "--latest" ]; then
+    shift
+    scripts/setup.sh --latest
+    VENV=.venv-latest
+    TINY="$PWD/.cache/tiny-latest"
+else
+    scripts/setup.sh
+fi
+export TUNER_TINY_DIR="${TUNER_TINY_DIR:-$TINY}"
 export HF_HUB_OFFLINE=1
-.venv/bin/ruff check tuner tests scripts
-.venv/bin/hadolint --failure-threshold warning Dockerfile.ascend Dockerfile.cuda
-.venv/bin/python -m pytest -q -ra --durations=15 "$@"
+"$VENV/bin/ruff" check tuner tests scripts
+"$VENV/bin/hadolint" --failure-threshold warning Dockerfile.ascend Dockerfile.cuda
+status=0
+"$VENV/bin/python" -m pytest -q -ra --durations=15 "$@" || status=$?
+if [ "$VENV" = .venv-latest ]; then
+    echo "--latest: packages that moved from requirements-lock.txt (locked -> newest):"
+    "$VENV/bin/python" scripts/lock_diff.py requirements-lock.txt || true
+    "$VENV/bin/tuner" env | grep "library stack" || true
+fi
+exit "$status"

@@ -21,6 +21,7 @@ REPORT_KEYS = {
     "hub",
     "accelerate_config",
     "npu_checks",
+    "stack_problems",
 }
 
 

@@ -20,6 +20,9 @@ def convert_command(
     """Convert an SDXL LoRA to the kohya layout (ComfyUI, A1111/Forge, sd-scripts) or back to diffusers."""
     from tuner.errors import ConfigError
     from tuner.formats.kohya import export_kohya, import_kohya
+    from tuner.runtime.stack import check_stack
+
+    check_stack()
 
     unet_config = _unet_config(base) if base else None
     if to == "kohya":

@@ -51,6 +51,9 @@ def infer_sdxl_command(
     """Generate SDXL images, with LoRA adapters (tuner, diffusers or kohya files) stacked at their scales."""
     from tuner.errors import ConfigError
     from tuner.models.sdxl_infer import Adapter, GenerationSettings, infer_sdxl
+    from tuner.runtime.stack import check_stack
+
+    check_stack()
 
     adapters = adapter or []
     scales = adapter_scale or []
@@ -123,7 +126,9 @@ def infer_qwenvl_command(
     from tuner.errors import ConfigError
     from tuner.models.qwenvl_infer import answer_dataset, answer_prompt, load_answerer
     from tuner.runtime import resolve_runtime
+    from tuner.runtime.stack import check_stack
 
+    check_stack()
     if (prompt is None) == (data is None):
         raise ConfigError(
             "pass either --prompt or --data", hint="e.g. --image cat.png --prompt 'What is this?'"

@@ -23,6 +23,9 @@ def merge_command(
     ] = False,
 ) -> None:
     """Merge a LoRA into its base: SDXL (diffusers LoRA file) or Qwen-VL (PEFT folder)."""
+    from tuner.runtime.stack import check_stack
+
+    check_stack()
     if (adapter / PEFT_CONFIG_FILE).is_file():
         from tuner.errors import ConfigError
         from tuner.models.qwenvl_merge import merge_qwenvl_adapter

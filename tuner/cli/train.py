@@ -263,7 +263,9 @@ def _build(
     from tuner.config.load import build_config
     from tuner.errors import ConfigError
     from tuner.runtime import apply_hub_settings
+    from tuner.runtime.stack import check_stack
 
+    check_stack()
     config = build_config(
         preset=preset, config_file=config_file, flags=flags, overrides=overrides or (), task=task
     )

@@ -11,19 +11,8 @@ from typing import Any, TypeVar
 
 import tuner
 from tuner.errors import TunerError
-from tuner.runtime import device, npu
+from tuner.runtime import device, npu, stack
 
-LIBRARIES = (
-    "torch",
-    "torch_npu",
-    "diffusers",
-    "transformers",
-    "peft",
-    "accelerate",
-    "datasets",
-    "huggingface_hub",
-    "safetensors",
-)
 CA_VARIABLES = ("TUNER_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")
 DEFAULT_CANN_HOME = "/usr/local/Ascend/ascend-toolkit/latest"
@@ -65,6 +54,10 @@ def environment_report(runtime_device: str = "auto", mixed_precision: str = "aut
             mixed_precision=runtime.mixed_precision,
         )
     report["versions"] = _versions(npu_probe)
+    report["stack_problems"] = [
+        {"problem": problem, "fix": fix}
+        for problem, fix in _safely(lambda: stack.stack_problems(report["versions"]), [])
+    ]
     report["hub"] = hub_settings_in_effect(os.environ)
     report["accelerate_config"] = _safely(_accelerate_config, {"path": None, "exists": False})
     wants_npu = runtime_device == "npu" or report["device_type"] == "npu" or npu_probe.installed
@@ -74,8 +67,7 @@ def environment_report(runtime_device: str = "auto", mixed_precision: str = "aut
 
 def _versions(npu_probe: npu.NpuProbe) -> dict[str, str | None]:
     versions: dict[str, str | None] = {"python": platform.python_version(), "tuner": tuner.__version__}
-    for library in LIBRARIES:
-        versions[library] = _safely(lambda library=library: metadata.version(library), None)
+    versions.update(_safely(stack.installed_versions, {}))
     if npu_probe.torch_npu_version:
         versions["torch_npu"] = npu_probe.torch_npu_version
     versions["cuda_build"] = _safely(_torch_cuda_version, None)
@@ -228,6 +220,11 @@ def format_environment_report(report: Mapping[str, Any]) -> str:
         rows.append(("mixed precision", str(report["mixed_precision"])))
     versions = report.get("versions", {})
     rows.append(("versions", ", ".join(f"{name} {value}" for name, value in versions.items() if value)))
+    problems = report.get("stack_problems", [])
+    if not problems:
+        rows.append(("library stack", "ok: no known-broken combination"))
+    for problem in problems:
+        rows.append(("library stack", f"FAIL {problem['problem']} -> {problem['fix']}"))
     hub = report.get("hub", {})
     rows.append(("hub endpoint", f"{hub.get('endpoint')}" + (" (offline)" if hub.get("offline") else "")))
     for name, value in hub.get("ca_bundle", {}).items():
