@@ -7,15 +7,19 @@ python scripts/lock_diff.py --requirement-names                 every dependency
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
 
 import tomllib
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def canonicalize_name(name: str) -> str:
+    # PEP 503 normalisation, written out: --requirement-names runs before packaging is installed.
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def read_lock(path: Path) -> dict[str, str]:
@@ -40,7 +44,8 @@ def installed() -> dict[str, str]:
 def requirement_names() -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
-    return sorted({Requirement(text).name for text in requirements})
+    # A bare regex, not packaging's parser: this runs before any dependency is installed.
+    return sorted({re.match(r"[A-Za-z0-9._-]+", text).group() for text in requirements})
 
 
 def main(argv: list[str]) -> int:

@@ -50,8 +50,9 @@ else
     "${PIP[@]}" $PAIR
     "${PIP[@]}" --no-deps -e .
     # Every requirement by name only, so pyproject's upper bounds do not hold the newest release back.
+    NAMES="$("$VENV/bin/python" scripts/lock_diff.py --requirement-names)"
     # shellcheck disable=SC2086
-    "${PIP[@]}" --upgrade $("$VENV/bin/python" scripts/lock_diff.py --requirement-names) $PAIR
+    "${PIP[@]}" --upgrade $NAMES $PAIR
     "$VENV/bin/python" scripts/lock_diff.py "$LOCK" || true
 fi
 echo "setup: done"
