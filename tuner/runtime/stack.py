@@ -7,10 +7,10 @@ releases it was measured with; lift it when a release that fixes it exists.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 import logging
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib import metadata
 
 from packaging.version import InvalidVersion, Version
