@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--channels-last", action="store_true", help="SDXL: also our trainer with runtime.channels_last"
     )
+    parser.add_argument("--dora", action="store_true", help="SDXL: also our trainer with lora.variant dora")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the trainers this many times")
     parser.add_argument(
         "--same-process", action="store_true", help="run every trainer in this process (debugging)"
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             images=args.samples or 16,
             profile_dir=args.profile,
         )
-        switches = (("channels_last", args.channels_last), ("compile", args.compile))
+        switches = (("channels_last", args.channels_last), ("compile", args.compile), ("dora", args.dora))
         variants = tuple(name for name, on in switches if on)
         trainers = sdxl_trainers(settings, args.work_dir, baseline=not args.no_baseline, variants=variants)
     else:

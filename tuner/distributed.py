@@ -13,8 +13,8 @@ What a distributed run looks like to the rest of tuner:
 * **Strategy** (`runtime.distributed`): `ddp` (the default), `zero2` / `zero3` (DeepSpeed, an optional
   extra) or `fsdp`, turned into Accelerate's plugins by `build_distributed_accelerator`.
 * **Noise**: SDXL draws each sample's noise and timestep from a generator seeded by (seed, sample index,
-  epoch) (`PerSampleSeeds`), not from the per-process RNG, so a 2-process run with batch b trains the
-  same adapter as a 1-process run with batch 2b.
+  epoch) (`PerSampleSeeds`; the loop's `SampleKey` carries the epoch), not from the per-process RNG,
+  so a 2-process run with batch b trains the same adapter as a 1-process run with batch 2b.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from tuner.data.sampling import epoch_of
 from tuner.errors import ConfigError
 from tuner.launch import DEFAULT_PORT, ClusterTopology, accelerate_command
 
@@ -49,6 +50,11 @@ LAUNCH_FLAGS = (
 )
 # Set by torchrun / accelerate launch in every process they start.
 _LAUNCHED_VARIABLES = ("LOCAL_RANK", "WORLD_SIZE")
+
+
+def launched_rank(env: dict[str, str] | os._Environ = os.environ) -> int:
+    """This process's global rank under torchrun or accelerate launch; 0 when not launched."""
+    return int(env.get("RANK", "0"))
 
 
 def already_launched(env: dict[str, str] | os._Environ = os.environ) -> bool:
@@ -258,23 +264,17 @@ class PerSampleSeeds(torch.utils.data.Dataset):
     """`dataset` whose items also carry `sample_seed` (a 0-d int64 tensor) from (seed, index, epoch).
 
     The loss seeds each sample's random draws with it, so what a sample draws does not depend on
-    which process, batch or micro-batch it lands in. The loop's `set_epoch` reaches the wrapped
-    dataset through this one.
+    which process, worker, batch or micro-batch it lands in. The epoch comes with the key (a
+    `SampleKey` from the training loop; a plain index is epoch 0), never from an attribute.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, seed: int) -> None:
         self.dataset = dataset
         self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.dataset[index]
-        return {**item, "sample_seed": torch.tensor(sample_seed(self.seed, index, self.epoch))}
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        item = self.dataset[key]
+        return {**item, "sample_seed": torch.tensor(sample_seed(self.seed, int(key), epoch_of(key)))}

@@ -38,3 +38,7 @@ class DeviceError(TunerError):
 
 class CheckpointError(TunerError):
     """A checkpoint that is missing, partial or from a different run."""
+
+
+class HubError(TunerError):
+    """A model hub that cannot be reached or trusted: an untrusted TLS certificate, DNS, a proxy."""

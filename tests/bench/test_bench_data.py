@@ -13,7 +13,7 @@ def test_captioned_images_are_all_distinct_and_captioned(tmp_path):
     folder = write_captioned_images(tmp_path, count=12, resolution=32, seed=0)
     images = sorted(folder.glob("*.png"))
     assert len(images) == 12
-    # The SDXL recipe refuses a data set with duplicate images.
+    # Duplicates would train twice as often (and be warned about): every image is distinct.
     assert len({hashlib.sha256(path.read_bytes()).hexdigest() for path in images}) == 12
     assert all(path.with_suffix(".txt").read_text().strip() for path in images)
 

@@ -96,3 +96,24 @@ def test_packing_and_attention_flags_reach_the_run(capsys, tmp_path):
     assert resolved["data"]["packing"] is True and resolved["model"]["attention"] == "eager"
     assert "data.packing with attention=eager" in out
     assert (output / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--from-env", "train", "sdxl-lora"], "No such option: --from-env"),
+        (["tarin", "sdxl-lora"], "'tarin' is not a tuner command"),
+        ([], "needs the tuner command"),
+    ],
+)
+def test_launch_refuses_what_it_would_pass_through_unread(capsys, argv, expected):
+    code, out, err = run_cli(capsys, "launch", "--dry-run", *argv)
+    assert code == 2
+    assert expected in err and "accelerate launch" not in out
+
+
+def test_launch_passes_the_tuner_command_and_its_options(capsys):
+    code, out, _ = run_cli(capsys, "launch", "--dry-run", "--device", "cpu", "--", "-v", "train", "sdxl-lora",
+                           "--preset", "tiny-cpu")  # fmt: skip
+    assert code == 0
+    assert out.splitlines()[-1].endswith("-m tuner -v train sdxl-lora --preset tiny-cpu")

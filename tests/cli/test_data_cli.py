@@ -35,11 +35,22 @@ def test_dirty_sdxl_dataset_exits_1_and_lists_every_problem(capsys, tmp_path: Pa
     problem_lines = out.split("\n\n")[0].splitlines()
     assert [line.split(":")[0] for line in problem_lines] == [
         str(folder / "broken.png"),  # no caption
-        str(folder / "good.png"),  # same bytes as copy.png, which sorts first
         str(folder / "lonely.txt"),
         str(folder / "small.png"),
+        "warning",  # good.png: same bytes as copy.png, which sorts first; both train
     ]
-    assert f"sdxl dataset {folder}: 1 samples ok, 4 problems (" in out
+    assert problem_lines[-1].startswith(f"warning: {folder / 'good.png'}: image {folder / 'good.png'} has")
+    assert f"sdxl dataset {folder}: 2 samples ok, 3 problems (" in out
+    assert "1 warning (duplicate-image 1)" in out
+
+
+def test_duplicates_alone_are_warnings_and_exit_0(capsys, tmp_path: Path) -> None:
+    folder = captioned_folder(tmp_path / "dups", {"a": (96, 96), "b": (96, 96)})
+    (folder / "b.png").write_bytes((folder / "a.png").read_bytes())
+    code, out, _ = run_cli(capsys, "data", "check", "sdxl", str(folder))
+    assert code == 0
+    assert out.startswith(f"warning: {folder / 'b.png'}: image {folder / 'b.png'} has the same content as")
+    assert "2 samples ok, 0 problems, 1 warning (duplicate-image 1)" in out
 
 
 def test_json_report_parses_and_counts_problems(capsys, tmp_path: Path) -> None:

@@ -18,9 +18,9 @@ def _image(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (8,
     return path
 
 
-def _kinds(scan) -> dict[str, list[tuple[str, int | None]]]:
+def _kinds(scan, found: str = "problems") -> dict[str, list[tuple[str, int | None]]]:
     kinds: dict[str, list[tuple[str, int | None]]] = {}
-    for problem in scan.problems:
+    for problem in getattr(scan, found):
         kinds.setdefault(problem.kind, []).append((Path(problem.file).name, problem.record))
     return kinds
 
@@ -52,18 +52,18 @@ def test_kohya_folder_reports_every_problem(tmp_path: Path) -> None:
     (tmp_path / "f.png").write_text("text pretending")
     (tmp_path / "f.txt").write_text("broken")
     scan = scan_caption_dataset(tmp_path)
-    assert [sample.image.name for sample in scan.samples] == ["a.png", "f.png"]
+    # A duplicate trains (a warning, not a problem): the same picture with two captions is common.
+    assert [sample.image.name for sample in scan.samples] == ["a.png", "e.png", "f.png"]
     assert _kinds(scan) == {
         "missing-caption": [("b.png", None)],
         "empty-caption": [("c.txt", None)],
         "orphan-caption": [("d.txt", None)],
-        "duplicate-image": [("e.png", None)],
     }
-    duplicate = next(problem for problem in scan.problems if problem.kind == "duplicate-image")
-    assert str(tmp_path / "a.png") in duplicate.what
+    assert _kinds(scan, "warnings") == {"duplicate-image": [("e.png", None)]}
+    assert str(tmp_path / "a.png") in scan.warnings[0].what
 
     checked = scan_caption_dataset(tmp_path, check_images=True)
-    assert [sample.image.name for sample in checked.samples] == ["a.png"]
+    assert [sample.image.name for sample in checked.samples] == ["a.png", "e.png"]
     assert _kinds(checked)["not-an-image"] == [("f.png", None)]
 
 
@@ -104,6 +104,7 @@ def test_metadata_jsonl_layout_and_its_problems(tmp_path: Path) -> None:
     assert scan.layout == "metadata-jsonl"
     assert [(s.image, s.caption) for s in scan.samples] == [
         (root / "imgs" / "one.png", "first"),
+        (root / "three.png", "dup"),
         (root / "two.png", "second"),
     ]
     assert scan.samples[0].source == f"{root / 'metadata.jsonl'}:2"
@@ -113,10 +114,9 @@ def test_metadata_jsonl_layout_and_its_problems(tmp_path: Path) -> None:
         "path-escape": [("metadata.jsonl", 5), ("metadata.jsonl", 6), ("metadata.jsonl", 7)],
         "empty-caption": [("metadata.jsonl", 9)],
         "missing-image": [("metadata.jsonl", 8)],
-        "duplicate-image": [("metadata.jsonl", 11)],
     }
-    duplicate = next(problem for problem in scan.problems if problem.kind == "duplicate-image")
-    assert "three.png" in duplicate.what and "imgs/one.png" in duplicate.what
+    assert _kinds(scan, "warnings") == {"duplicate-image": [("metadata.jsonl", 11)]}
+    assert "three.png" in scan.warnings[0].what and "imgs/one.png" in scan.warnings[0].what
 
 
 def test_metadata_csv_layout_with_a_custom_caption_column(tmp_path: Path) -> None:
@@ -176,13 +176,13 @@ def test_saved_hf_dataset_is_read_lazily(tmp_path: Path) -> None:
     dataset.save_to_disk(str(tmp_path / "saved"))
     scan = scan_caption_dataset(tmp_path / "saved", image_column="picture", caption_column="caption")
     assert scan.layout == "hf-dataset"
-    assert [(s.caption, s.image.row) for s in scan.samples] == [("red", 0), ("junk", 1)]
+    assert [(s.caption, s.image.row) for s in scan.samples] == [("red", 0), ("junk", 1), ("red again", 3)]
     assert isinstance(scan.samples[0].image, DatasetRow)
     assert _kinds(scan) == {
         "empty-caption": [("saved", 3)],
-        "duplicate-image": [("saved", 4)],
         "missing-image": [("saved", 5)],
     }
+    assert _kinds(scan, "warnings") == {"duplicate-image": [("saved", 4)]}
     # Decoded only on load, through the same loader as files (transparency onto the background).
     assert scan.samples[0].load().getpixel((0, 0)) == (255, 127, 127)
     with pytest.raises(DataError, match=r"not an image"):
@@ -190,7 +190,7 @@ def test_saved_hf_dataset_is_read_lazily(tmp_path: Path) -> None:
     checked = scan_caption_dataset(
         tmp_path / "saved", image_column="picture", caption_column="caption", check_images=True
     )
-    assert [s.caption for s in checked.samples] == ["red"]
+    assert [s.caption for s in checked.samples] == ["red", "red again"]
     assert _kinds(checked)["not-an-image"] == [("saved", 2)]
 
 

@@ -66,9 +66,10 @@ def bomb_png(path: Path) -> Path:
     return path
 
 
-def assert_lines(report: DataReport, expected: list[str]) -> None:
-    """Each expected line matches exactly one problem line (`…` stands for Pillow's words), none left."""
-    unmatched = [str(problem) for problem in report.problems]
+def assert_lines(report: DataReport, expected: list[str], found: str = "problems") -> None:
+    """Each expected line matches exactly one problem (or warning) line (`…` stands for Pillow's words),
+    none left."""
+    unmatched = [str(problem) for problem in getattr(report, found)]
     for pattern in expected:
         regex = re.escape(pattern).replace(re.escape(ANY), ".*")
         hits = [line for line in unmatched if re.fullmatch(regex, line)]
@@ -107,8 +108,6 @@ def test_sdxl_folder_reports_every_problem_with_its_file(sdxl_folder: Path) -> N
     assert_lines(
         report,
         [
-            f"{d}/sub/copy.png: image {d}/sub/copy.png has the same content as {d}/square.png — "
-            "remove one of the two (duplicates train twice as often)",
             f"{d}/truncated.png: {UNREADABLE}",
             f"{d}/fake.jpg: {NOT_AN_IMAGE}",
             f"{d}/empty.png: {ZERO_BYTE}",
@@ -120,16 +119,27 @@ def test_sdxl_folder_reports_every_problem_with_its_file(sdxl_folder: Path) -> N
             "rename it to match its image, or remove it",
         ],
     )
-    assert report.samples_ok == 3
-    assert report.problem_counts()["duplicate-image"] == 1
-    assert sum(report.problem_counts().values()) == 8
+    # The copy trains: a duplicate is a warning, reported but never refused.
+    assert_lines(
+        report,
+        [
+            f"{d}/sub/copy.png: image {d}/sub/copy.png has the same content as {d}/square.png — "
+            "it trains twice as often; remove one copy unless that is intended"
+        ],
+        found="warnings",
+    )
+    assert report.samples_ok == 4
+    assert report.warning_counts() == {"duplicate-image": 1}
+    assert sum(report.problem_counts().values()) == 7
+    text = report.format_text()
+    assert "warning: " + str(report.warnings[0]) in text and "1 warning (duplicate-image 1)" in text
 
 
 def test_sdxl_min_size_is_a_setting(sdxl_folder: Path) -> None:
     report = check_sdxl_dataset(sdxl_folder, min_size=100)
     too_small = sorted(Path(p.file).name for p in report.problems if p.kind == "too-small")
-    # The three good samples are under 100 px on their short side now; copy.png is reported as a duplicate.
-    assert too_small == ["small.png", "square.png", "tall.png", "wide.png"]
+    # The four good samples (the copy of square.png too) are under 100 px on their short side now.
+    assert too_small == ["copy.png", "small.png", "square.png", "tall.png", "wide.png"]
     assert report.samples_ok == 0
 
 
@@ -290,14 +300,20 @@ def test_qwenvl_reports_every_problem_with_file_and_record(qwenvl_corpus: Path) 
             f"{f}:13: image img/small.png: image is 20x40, " + TOO_SMALL.format(min=28),
             f"{f}:14: image img/strip.png: image is 6000x29, an aspect ratio over 200:1 "
             "(Qwen-VL refuses it) — crop it, or cut it into several images",
-            f"{f}:15: same conversation and images as {f}:1 — "
-            "remove the copy (duplicates train twice as often)",
             f"{f}:16: image 'img/missing.png' not found at {img}/missing.png — "
             "fix the path or set data.image_root to the folder the paths are relative to",
             f"{f}:17: message 2 (assistant) is empty — remove the turn or give it text",
         ],
     )
-    assert report.samples_ok == 2
+    assert_lines(
+        report,
+        [
+            f"{f}:15: same conversation and images as {f}:1 — "
+            "it trains twice as often; remove the copy unless that is intended"
+        ],
+        found="warnings",
+    )
+    assert report.samples_ok == 3  # the duplicate trains
     assert report.stats["images"] == 2  # cat and dog, each decoded once however many records use them
     assert report.histogram == ""  # no processor, no token counts
 
@@ -314,15 +330,18 @@ def test_qwenvl_image_root_moves_where_paths_point(qwenvl_corpus: Path, tmp_path
 def test_report_json_and_truncated_text(qwenvl_corpus: Path) -> None:
     report = check_qwenvl_dataset(qwenvl_corpus / "train.jsonl")
     as_json = json.loads(json.dumps(report.to_json()))
-    assert as_json["problem_count"] == len(report.problems) == 16
-    assert sum(as_json["problem_counts"].values()) == 16
+    assert as_json["problem_count"] == len(report.problems) == 15
+    assert sum(as_json["problem_counts"].values()) == 15
     assert as_json["problems"][0].keys() == {"file", "record", "kind", "what", "fix"}
+    assert as_json["warning_counts"] == {"duplicate-sample": 1} and as_json["warnings"][0]["record"] == 15
     text = report.format_text(limit=5).splitlines()
     # The head that training prints reads the data file top to bottom.
     assert text[:5] == [str(problem) for problem in report.problems[:5]]
-    assert [problem.record for problem in report.problems] == list(range(2, 18))
-    assert text[5].startswith("... and 11 more")
-    assert text[7].startswith(f"qwenvl dataset {qwenvl_corpus}/train.jsonl: 2 samples ok, 16 problems (")
+    assert [problem.record for problem in report.problems] == [*range(2, 15), 16, 17]
+    assert text[5].startswith("... and 10 more")
+    assert text[6] == f"warning: {report.warnings[0]}"
+    assert text[8].startswith(f"qwenvl dataset {qwenvl_corpus}/train.jsonl: 3 samples ok, 15 problems (")
+    assert text[8].endswith(", 1 warning (duplicate-sample 1)")
 
 
 def test_problem_counts_are_most_frequent_first() -> None:

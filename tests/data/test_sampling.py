@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import pickle
 from collections import Counter
 
 import pytest
 
-from tuner.data.sampling import GroupedBatchSampler
+from tuner.data.sampling import GroupedBatchSampler, SampleKey, epoch_of
 
 GROUPS = ["square"] * 7 + ["portrait"] * 5 + ["wide"] * 2 + ["tall"] * 1
 
@@ -52,3 +53,14 @@ def test_drop_last_drops_partial_batches_and_partial_groups_are_reported():
     assert all(len(batch) == 3 for batch in batches)
     assert sampler.partial_groups() == {"wide": 2, "tall": 1}
     assert Counter(GROUPS[b[0]] for b in batches) == {"square": 2, "portrait": 1}
+
+
+def test_keyed_batches_carry_the_epoch_through_pickling():
+    sampler = GroupedBatchSampler(GROUPS, 2, seed=1)
+    sampler.set_epoch(3)
+    keyed = list(sampler.keyed())
+    assert [[int(key) for key in batch] for batch in keyed] == _epoch(sampler, 3)
+    # A worker process receives the keys pickled: the epoch must survive, and the key still indexes.
+    key = pickle.loads(pickle.dumps(keyed[0][0]))
+    assert isinstance(key, SampleKey) and epoch_of(key) == 3 and int(key) == keyed[0][0]
+    assert ["a", "b", "c"][SampleKey(2, 5)] == "c" and epoch_of(2) == 0

@@ -14,26 +14,22 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from tuner.data.sampling import GroupedBatchSampler
+from tuner.data.sampling import GroupedBatchSampler, SampleKey
 from tuner.training.loop import LoopSettings, TrainingJob, run_training
 
 
 class IndexedSamples(torch.utils.data.Dataset):
     def __init__(self, size: int) -> None:
         self.size = size
-        self.epoch = 0
 
     def __len__(self) -> int:
         return self.size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor]:
         return {
-            "x": torch.full((3,), float(index)),
-            "index": torch.tensor(index),
-            "epoch": torch.tensor(self.epoch),
+            "x": torch.full((3,), float(key)),
+            "index": torch.tensor(int(key)),
+            "epoch": torch.tensor(key.epoch),
         }
 
 

@@ -26,25 +26,32 @@ def write_adapter(
     alpha: float = 3.0,
     text_encoder: bool = False,
     base_model: str = "tiny-sdxl",
+    variant: str = "lora",
 ) -> Path:
-    """An adapter injected by tuner's own code, B randomized, saved as training saves it."""
+    """An adapter injected by tuner's own code, B (DoRA's magnitudes, LoKr/LoHa factors) randomized, saved
+    as training saves it."""
     torch.manual_seed(seed)
     components = load_sdxl(str(model_folder))
-    add_lora(components.unet, lora_config(unet_target_modules([targets]), rank=rank, alpha=alpha))
+    options = {"rank": rank, "alpha": alpha, "variant": variant}
+    add_lora(components.unet, lora_config(unet_target_modules([targets]), **options))
     models = [components.unet]
     if text_encoder:
         for encoder in (components.text_encoder, components.text_encoder_2):
-            add_lora(encoder, lora_config(TEXT_ENCODER_TARGETS, rank=rank, alpha=alpha))
+            add_lora(encoder, lora_config(TEXT_ENCODER_TARGETS, **options))
             models.append(encoder)
     with torch.no_grad():
         for model in models:
             for name, parameter in model.named_parameters():
                 if "lora_B" in name:
                     parameter.normal_(std=0.3)
+                elif "lora_magnitude_vector" in name:
+                    parameter.mul_(1.0 + 0.5 * torch.rand_like(parameter))
+                elif "lokr_" in name or "hada_" in name:  # LoKr/LoHa start with one factor at zero
+                    parameter.normal_(std=0.3)
     return save_sdxl_lora(
         output_dir,
         components.unet,
         components.text_encoder if text_encoder else None,
         components.text_encoder_2 if text_encoder else None,
-        training_metadata={"base_model": base_model, "rank": rank, "alpha": alpha},
+        training_metadata={"base_model": base_model, "rank": rank, "alpha": alpha, "variant": variant},
     )

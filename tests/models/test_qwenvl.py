@@ -147,6 +147,18 @@ def test_add_lora_freezes_everything_but_the_adapter(tiny_model):
         add_lora(load(tiny_model, "qwen3-vl")[0], ["model.visual.merger.linear_fc1"], 2, 2, init="pissa")
 
 
+def test_dora_variant_trains_magnitudes_and_refuses_expert_parameters(tiny_model):
+    model, _, family = load(tiny_model, "qwen2.5-vl")
+    peft_model = add_lora(model, lora_target_modules(model, family, ["llm"]), rank=2, alpha=4, variant="dora")
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in trainable)
+    assert peft_model.peft_config["default"].use_dora
+    with pytest.raises(ConfigError, match=r"lora\.variant=dora"):
+        add_lora(model, ["q_proj"], 2, 2, target_parameters=["mlp.experts.gate_up_proj"], variant="dora")
+    with pytest.raises(ConfigError, match="'lokr' is not available for Qwen-VL"):
+        add_lora(model, ["q_proj"], 2, 2, variant="lokr")
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_checkpointing_keeps_gradients_in_every_targeted_group(tiny_model, name):
     torch.manual_seed(0)
@@ -155,8 +167,20 @@ def test_checkpointing_keeps_gradients_in_every_targeted_group(tiny_model, name)
     enable_gradient_checkpointing(peft_model)
     assert model.model.visual.blocks[0].gradient_checkpointing
     assert model.model.language_model.layers[0].gradient_checkpointing
+    # transformers checkpoints only in training mode, and from_pretrained hands the model over in
+    # eval mode: nothing is recomputed until someone calls train(), which the training loop does
+    # (test_training_invariants.py checks that a real run recomputes).
+    layer = model.model.language_model.layers[0]
+    calls = []
+    layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    assert not layer.training
+    peft_model(**encode(processor, *SAMPLES[0])).loss.backward()
+    assert len(calls) == 1  # forward only: no recompute in eval mode
+    peft_model.zero_grad()
+    calls.clear()
     peft_model.train()
     peft_model(**encode(processor, *SAMPLES[0])).loss.backward()
+    assert len(calls) == 2  # forward, then the recompute in backward
     for root in ("language_model.layers", "visual.blocks", "visual.merger"):
         grads = lora_b_grads(peft_model, root)
         assert grads and min(grads) > 0, (root, grads)

@@ -1,4 +1,7 @@
-"""Qwen-VL merge: same model without PEFT, processor kept, scale honoured, no half-written output."""
+"""Qwen-VL merge: same model without PEFT, processor kept, scale honoured, no half-written output.
+
+The merge streams tensor by tensor; PEFT's `merge_and_unload` is the reference it must equal.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, PreTrainedModel
 
 from tuner.data.vl_encoding import set_pixel_bounds
 from tuner.errors import ConfigError, ModelError
+from tuner.formats.safetensors_stream import SafetensorsStreamWriter
 from tuner.models.qwenvl import (
     SUPPORTED_MODEL_TYPES,
-    add_lora,
+    load_adapter_checked,
     load_qwenvl,
     lora_target_modules,
     save_adapter,
@@ -33,15 +38,18 @@ CONVERSATION = [
 ]
 
 
-def make_adapter(tiny_model, name: str, folder, targets=("llm", "vision", "merger")):
+def make_adapter(tiny_model, name: str, folder, targets=("llm", "vision", "merger"), **lora):
     """A saved adapter with random (non-zero) LoRA weights; returns (folder, the in-memory PEFT model)."""
     model, processor, family = load_qwenvl(str(tiny_model(name)), dtype=torch.float32)
     torch.manual_seed(0)
-    peft_model = add_lora(model, lora_target_modules(model, family, targets), rank=4, alpha=8)
+    targets = lora_target_modules(model, family, targets)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, **lora))
     with torch.no_grad():
         for parameter_name, parameter in peft_model.named_parameters():
             if "lora_B" in parameter_name:
                 parameter.normal_(std=0.2)
+            elif "lora_magnitude_vector" in parameter_name:  # DoRA: magnitudes away from ||W||
+                parameter.mul_(1.0 + 0.5 * torch.rand_like(parameter))
     set_pixel_bounds(processor, min_pixels=3136, max_pixels=TRAINING_MAX_PIXELS)
     save_adapter(peft_model, folder, processor, {"base_model": f"tiny-{name}", "family": family})
     return folder, peft_model.eval()
@@ -150,12 +158,112 @@ def test_adapter_of_another_family_is_refused_before_writing(tiny_model, tmp_pat
 def test_interrupted_merge_leaves_no_output_folder(tmp_path, qwen25_adapter, monkeypatch):
     adapter_dir, _ = qwen25_adapter
 
-    def save_half_then_fail(self, folder, *args, **kwargs):
-        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+    def write_half_then_fail(self, name, tensor):
+        self.path.write_bytes(b"partial")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_half_then_fail)
+    monkeypatch.setattr(SafetensorsStreamWriter, "add", write_half_then_fail)
     output = tmp_path / "merges" / "merged"
     with pytest.raises(OSError, match="No space"):
         merge_qwenvl_adapter("tiny-qwen2.5-vl", adapter_dir, output)
     assert list(output.parent.iterdir()) == []
+
+
+def _peft_merged_state(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The reference: PEFT's merge_and_unload in fp32, named as transformers names the parameters."""
+    model, _, _ = load_qwenvl(str(base_dir), dtype=torch.float32)
+    return load_adapter_checked(model, adapter_dir).merge_and_unload().state_dict()
+
+
+def _loaded_state(folder: Path) -> dict[str, torch.Tensor]:
+    model, _, _ = load_qwenvl(str(folder), dtype=torch.float32)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+def test_streamed_merge_equals_peft_merge_and_unload(tiny_model, tmp_path, name):
+    # rank_pattern, alpha_pattern and rsLoRA change alpha/r per module: the streamed delta must follow PEFT.
+    adapter_dir, _ = make_adapter(
+        tiny_model,
+        name,
+        tmp_path / "adapter",
+        use_rslora=True,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"v_proj": 3.0},
+    )
+    merged_dir = merge_qwenvl_adapter(f"tiny-{name}", adapter_dir, tmp_path / "merged", dtype="fp32")
+
+    expected = _peft_merged_state(tiny_model(name), adapter_dir)
+    merged = _loaded_state(merged_dir)
+    base = _loaded_state(tiny_model(name))
+    assert merged.keys() == expected.keys()
+    changed = [key for key in expected if not torch.equal(expected[key], base[key])]
+    assert any(".q_proj." in key for key in changed) and any(".v_proj." in key for key in changed)
+    for key in expected:
+        torch.testing.assert_close(merged[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_sharded_base_keeps_its_shards_and_index(tiny_model, tmp_path, qwen25_adapter):
+    adapter_dir, _ = qwen25_adapter
+    sharded = tmp_path / "sharded-base"
+    model, processor, _ = load_qwenvl(str(tiny_model("qwen2.5-vl")), dtype=torch.float32)
+    model.save_pretrained(str(sharded), max_shard_size="100KB")
+    processor.save_pretrained(str(sharded))
+    base_index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(base_index["weight_map"].values())) > 1
+
+    merged_dir = merge_qwenvl_adapter(str(sharded), adapter_dir, tmp_path / "merged", dtype="bf16")
+
+    index = json.loads((merged_dir / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == base_index["weight_map"]
+    stored = {}
+    for shard in set(index["weight_map"].values()):
+        stored |= load_file(str(merged_dir / shard))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    expected = _peft_merged_state(sharded, adapter_dir)
+    for key, value in _loaded_state(merged_dir).items():
+        torch.testing.assert_close(value, expected[key].to(torch.bfloat16).float(), msg=key)
+
+
+def test_dora_merge_equals_the_unmerged_dora_model(tiny_model, tmp_path):
+    adapter_dir, peft_model = make_adapter(
+        tiny_model, "qwen2.5-vl", tmp_path / "dora", targets=("llm", "merger"), use_dora=True
+    )
+    merged_dir = merge_qwenvl_adapter("tiny-qwen2.5-vl", adapter_dir, tmp_path / "merged", dtype="fp32")
+
+    merged = SUPPORTED_MODEL_TYPES["qwen2_5_vl"].from_pretrained(str(merged_dir)).eval()
+    inputs = prompt_inputs(AutoProcessor.from_pretrained(str(merged_dir)))
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits
+        # The magnitudes must matter: the same LoRA without them is another model.
+        for module in peft_model.modules():
+            if hasattr(module, "lora_variant"):
+                module.lora_variant.pop("default", None)  # peft 0.21: no variant = vanilla LoRA
+        assert not torch.allclose(peft_model(**inputs).logits, expected, atol=1e-3)
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_that_fits_no_weight_is_refused_before_writing(tiny_model, tmp_path):
+    output = tmp_path / "out" / "merged"
+    adapter_dir, _ = make_adapter(tiny_model, "qwen2.5-vl", tmp_path / "adapter", targets=("llm",))
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    weights = load_file(str(weights_file))
+    key = next(key for key in weights if key.endswith("q_proj.lora_A.weight"))
+    weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 1)
+    save_file(weights, str(weights_file))
+    with pytest.raises(ModelError, match="q_proj") as refused:
+        merge_qwenvl_adapter("tiny-qwen2.5-vl", adapter_dir, output)
+    assert "does not fit" in refused.value.message
+    assert not output.parent.exists()
+
+
+def test_lora_merge_streams_without_loading_the_model(tiny_model, tmp_path, qwen25_adapter, monkeypatch):
+    # Loading the whole model is what made 7B merges need ~33 GB (fp32); the merge never does.
+    def refuse(*args, **kwargs):
+        raise AssertionError("the merge loaded the whole model")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+    adapter_dir, _ = qwen25_adapter
+    merged_dir = merge_qwenvl_adapter("tiny-qwen2.5-vl", adapter_dir, tmp_path / "merged")
+    assert (merged_dir / "model.safetensors").is_file()

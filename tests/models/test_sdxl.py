@@ -207,6 +207,10 @@ def test_target_sets_select_modules_and_reject_unknown_names(sdxl_path: Path) ->
     assert "mlp" in raised.value.message
     with pytest.raises(ConfigError):
         lora_config(["to_q"], rank=4, alpha=4, init="pissa")
+    # LoKr/LoHa have no LoRA dropout, initialisation choice or rsLoRA: a set one is refused, not dropped.
+    with pytest.raises(ConfigError, match=r"lora\.dropout"):
+        lora_config(["to_q"], rank=4, alpha=4, variant="lokr", dropout=0.1)
+    assert lora_config(["to_q"], rank=4, alpha=2, variant="loha").peft_type == "LOHA"
     unet = load_sdxl(str(sdxl_path)).unet
     add_lora(unet, lora_config(unet_target_modules(["attention+ffn+conv"]), rank=2, alpha=2))
     adapted = {name.rsplit(".", 1)[-1] for name, module in unet.named_modules() if hasattr(module, "lora_A")}

@@ -19,6 +19,7 @@ import tuner.models.sdxl_cache as sdxl_cache
 from tuner.data.buckets import CropPlan, apply_crop, plan_crop
 from tuner.data.captions import CaptionedImage, transform_caption
 from tuner.data.images import load_image_rgb
+from tuner.data.sampling import SampleKey
 from tuner.errors import DataError
 from tuner.models.sdxl import compute_time_ids, encode_latents, encode_prompt, load_sdxl
 from tuner.models.sdxl_cache import build_sdxl_dataset, collate_sdxl, model_fingerprint
@@ -237,8 +238,7 @@ def test_random_flip_caches_both_orientations(samples, components, fingerprint, 
         )
     seen = set()
     for epoch in range(12):
-        dataset.set_epoch(epoch)
-        latents = dataset[0]["latents"]
+        latents = dataset[SampleKey(0, epoch)]["latents"]
         flipped = torch.allclose(latents, both[1], atol=1e-6)
         assert flipped or torch.allclose(latents, both[0], atol=1e-6)
         seen.add(flipped)
@@ -261,8 +261,7 @@ def test_uncached_items_are_deterministic_per_seed_index_and_epoch(samples, comp
             seed=seed,
             random_flip=True,
         )
-        dataset.set_epoch(epoch)
-        return [dataset[index] for index in range(len(samples))]
+        return [dataset[SampleKey(index, epoch)] for index in range(len(samples))]
 
     first, again = items(seed=1, epoch=0), items(seed=1, epoch=0)
     for a, b in zip(first, again, strict=True):

@@ -132,3 +132,61 @@ def test_infer_writes_pngs_with_text_chunk_and_compare_grid(tiny_model, adapters
     assert compare.size[0] == 2 * 64 and compare.size[1] > 2 * 64
     top, bottom = compare.crop((0, 16, 64, 80)), compare.crop((0, 96, 64, 160))
     assert (_pixels(top) - _pixels(bottom)).abs().max() > 1  # base and adapted rows differ
+
+
+def test_merge_and_infer_print_only_what_the_user_should_read(tiny_model, adapters, tmp_path):
+    import logging
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logging.getLogger("diffusers").addHandler(handler)  # diffusers' loggers do not propagate to root
+    warnings: list[str] = []
+    try:
+        # A UNet-only adapter, recorded as trained on tiny-sdxl, merged into `tiny`: the same model.
+        sdxl_merge.merge_sdxl_adapter(
+            "tiny", adapters[1], tmp_path / "merged", dtype="bf16", warn=warnings.append
+        )
+        settings = GenerationSettings(**SETTINGS, model="tiny", adapters=[Adapter(adapters[1])])
+        infer_sdxl(settings, tmp_path / "one.png", device="cpu", mixed_precision="no")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert warnings == []
+    assert not [r for r in records if "No LoRA keys" in r or "kept in float32: []" in r], records
+
+
+def test_single_file_merge_streams_and_equals_the_pipeline_merge(tiny_model, adapters, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from tuner.formats.kohya import export_kohya
+    from tuner.formats.sdxl_single_file import sdxl_original_state_dict
+
+    base = str(tiny_model("sdxl"))
+    # A kohya file with text-encoder LoRA, at 0.7, in bf16: scales, names and the cast all count.
+    kohya = export_kohya(adapters[0], tmp_path / "k.safetensors")
+    folder = sdxl_merge.merge_sdxl_adapter(base, kohya, tmp_path / "folder", scale=0.7, dtype="bf16")
+    reference = StableDiffusionXLPipeline.from_pretrained(folder)
+    expected = sdxl_original_state_dict(
+        reference.unet, reference.vae, reference.text_encoder, reference.text_encoder_2
+    )
+
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("the single-file merge loaded the whole pipeline")
+
+    monkeypatch.setattr(sdxl_merge, "load_sdxl", no_pipeline)
+    checkpoint = sdxl_merge.merge_sdxl_adapter(
+        base, kohya, tmp_path / "m.safetensors", scale=0.7, dtype="bf16", single_file=True
+    )
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        assert set(handle.keys()) == set(expected)
+        assert handle.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+        for key, value in expected.items():
+            ours = handle.get_tensor(key)
+            assert ours.dtype == torch.bfloat16, key
+            torch.testing.assert_close(ours.float(), value.float(), rtol=0, atol=0, msg=key)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "k.safetensors", "m.safetensors"]

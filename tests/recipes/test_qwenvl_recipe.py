@@ -71,6 +71,7 @@ def test_recipe_trains_saves_and_samples(tiny_model, tmp_path: Path):
         "adapter_model.safetensors",
         "chat_template.jinja",
         "tuner_config.yaml",
+        "serve.md",
     ):
         assert (output / name).is_file(), name
     assert (output / "metrics.jsonl").read_text().strip()
@@ -78,6 +79,10 @@ def test_recipe_trains_saves_and_samples(tiny_model, tmp_path: Path):
         keys = list(weights.keys())
     assert any(".visual.blocks." in k for k in keys) and any(".language_model." in k for k in keys)
 
+    # vision targets were trained, so vLLM must be told to apply them; the training pixel bounds too.
+    serve = (output / "serve.md").read_text()
+    assert "--enable-tower-connector-lora" in serve and "--max-lora-rank 8" in serve
+    assert '{"min_pixels": 3136, "max_pixels": 4096}' in serve
     answers = [json.loads(line) for line in (output / "samples" / "answers.jsonl").read_text().splitlines()]
     assert answers and all({"question", "reference", "answer"} <= set(a) for a in answers)
 
@@ -119,3 +124,98 @@ def test_a_packed_run_trains_the_same_adapter_as_a_padded_run(tmp_path: Path):
         assert set(a.keys()) == set(b.keys())
         for key in sorted(a.keys()):
             torch.testing.assert_close(b.get_tensor(key), a.get_tensor(key), atol=1e-5, rtol=1e-4)
+
+
+def _image_records(folder: Path, records: list[dict]) -> Path:
+    from PIL import Image
+
+    Image.new("RGBA", (64, 64), (200, 30, 30, 0)).save(folder / "red.png")
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return data
+
+
+def _gate_config(data: Path, output: Path, **data_settings) -> RunConfig:
+    return RunConfig.model_validate(
+        {"task": "qwenvl-lora", "data": {"path": str(data), **data_settings}, "output": {"dir": str(output)}}
+    )
+
+
+def _record(question: str) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": f"<image>{question}"},
+            {"role": "assistant", "content": "red"},
+        ],
+        "images": ["red.png"],
+    }
+
+
+def test_the_data_gate_applies_max_image_pixels(tmp_path: Path) -> None:
+    from tuner.recipes.qwenvl import load_training_conversations
+
+    data = _image_records(tmp_path, [_record("What colour?")])
+    assert len(load_training_conversations(_gate_config(data, tmp_path / "a"))) == 1
+    with pytest.raises(DataError) as refused:
+        load_training_conversations(_gate_config(data, tmp_path / "b", max_image_pixels=1000))
+    assert "red.png" in refused.value.message and "over the limit of 1,000 pixels" in refused.value.message
+
+
+def test_duplicate_conversations_train_with_a_warning(tmp_path: Path, capsys) -> None:
+    from tuner.recipes.qwenvl import load_training_conversations
+
+    data = _image_records(tmp_path, [_record("What colour?"), _record("Name it."), _record("What colour?")])
+    assert len(load_training_conversations(_gate_config(data, tmp_path / "out"))) == 3
+    printed = capsys.readouterr().out
+    assert f"warning: {data}:3: same conversation and images as {data}:1" in printed
+
+
+@pytest.mark.slow
+def test_background_pixel_limit_ema_and_validate_every_act(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """Keys that Qwen-VL used to ignore: data.background and data.max_image_pixels reach every image
+    decode, train.ema_decay writes an EMA adapter, output.validate_every validates mid-run."""
+    from tuner.recipes import qwenvl as recipe
+
+    decoded: list[tuple] = []
+    encode = recipe.encode_conversation
+
+    def recording_encode(*args, **kwargs):
+        decoded.append((kwargs.get("background"), kwargs.get("max_image_pixels")))
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "encode_conversation", recording_encode)
+    output = tmp_path / "run"
+    config = RunConfig.model_validate(
+        {
+            "task": "qwenvl-lora",
+            "model": {"name_or_path": "tiny-qwen2.5-vl"},
+            "data": {
+                "path": "tiny",
+                "max_pixels": 64 * 64,
+                "min_pixels": 56 * 56,
+                "validation_fraction": 0.3,
+                "background": [0, 0, 0],
+                "max_image_pixels": 1_000_000,
+            },
+            "lora": {"rank": 4, "alpha": 8},
+            "optim": {"lr": 1e-2},
+            "train": {"batch_size": 2, "max_steps": 2, "ema_decay": 0.5},
+            "output": {"dir": str(output), "log_every": 1, "validate_every": 1},
+            "runtime": {"device": "cpu", "mixed_precision": "no"},
+        }
+    )
+    train_qwenvl_lora(config)
+
+    assert decoded and set(decoded) == {((0, 0, 0), 1_000_000)}
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "validation_loss" in record] == [1, 2]
+    ema = output / "ema"
+    assert json.loads((ema / "tuner_adapter.json").read_text())["ema_decay"] == 0.5
+    with (
+        safe_open(output / "adapter_model.safetensors", "pt") as trained,
+        safe_open(ema / "adapter_model.safetensors", "pt") as averaged,
+    ):
+        assert set(trained.keys()) == set(averaged.keys())
+        assert any(not torch.equal(trained.get_tensor(k), averaged.get_tensor(k)) for k in trained.keys())  # noqa: SIM118
+    base = load_qwenvl(str(tiny_model("qwen2.5-vl")), dtype=torch.float32)[0]
+    load_adapter_checked(base, ema)  # a complete adapter folder: every weight fits a layer

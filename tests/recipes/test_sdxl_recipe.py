@@ -101,6 +101,10 @@ def test_uncached_text_encoder_run_with_ema_and_validation(caption_folder: Path,
     weights, ema_weights = load_file(main), load_file(ema)
     assert any(key.startswith("text_encoder_2.") for key in weights)
     assert weights.keys() == ema_weights.keys()
+    # The kohya file is written by default, text encoders named as ComfyUI/A1111 read them.
+    kohya = load_file(output / "pytorch_lora_weights_kohya.safetensors")
+    for prefix in ("lora_unet_", "lora_te1_text_model_encoder_", "lora_te2_text_model_encoder_"):
+        assert any(key.startswith(prefix) for key in kohya), prefix
     # EMA lags the trained weights only where training moved them: the text encoders did learn.
     assert any(
         not torch.equal(weights[key], ema_weights[key]) for key in weights if key.startswith("text_encoder.")
@@ -218,3 +222,105 @@ def test_channels_last_trains_the_same_adapter(caption_folder: Path, tmp_path: P
     worst = max((contiguous[key] - channels_last[key]).abs().max().item() for key in contiguous)
     assert worst < 1e-4, worst
     assert any(contiguous[key].abs().max() > 1e-3 for key in contiguous if "lora_B" in key or "up" in key)
+
+
+@pytest.mark.slow
+def test_a_v_prediction_run_samples_and_records_v_prediction(
+    caption_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Sample grids, the adapter's header (and its kohya copy) and `tuner infer` all follow the trained
+    prediction type; the tiny model's scheduler predicts epsilon."""
+    from tuner.models import sdxl_infer, sdxl_sampling
+    from tuner.models.sdxl_infer import Adapter, GenerationSettings, infer_sdxl, trained_prediction_type
+
+    schedulers: list[str] = []
+
+    def recording(build):
+        def build_pipeline(*args, **kwargs):
+            pipeline = build(*args, **kwargs)
+            schedulers.append(pipeline.scheduler.config.prediction_type)
+            return pipeline
+
+        return build_pipeline
+
+    monkeypatch.setattr(sdxl_sampling, "build_pipeline", recording(sdxl_sampling.build_pipeline))
+    monkeypatch.setattr(sdxl_infer, "build_pipeline", recording(sdxl_infer.build_pipeline))
+    config = _config(
+        caption_folder,
+        tmp_path / "out",
+        train={"max_steps": 1, "prediction_type": "v_prediction"},
+        output={"sample_every": 0, "sample_steps": 1, "save_format": "both"},
+    )
+    output = train_sdxl_lora(config)
+    assert schedulers[-1] == "v_prediction"  # the final sample grid (the first pipeline encoded prompts)
+
+    adapter = output / "pytorch_lora_weights.safetensors"
+    kohya = output / "pytorch_lora_weights_kohya.safetensors"
+    assert read_adapter_metadata(adapter)["tuner.prediction_type"] == "v_prediction"
+    assert read_adapter_metadata(kohya)["ss_v_parameterization"] == "True"
+    assert trained_prediction_type([Adapter(output)]) == "v_prediction"
+    assert trained_prediction_type([Adapter(kohya)]) == "v_prediction"
+
+    settings = GenerationSettings(
+        prompt="a plain colour", steps=1, size=(64, 64), model="tiny", adapters=[Adapter(adapter)]
+    )
+    infer_sdxl(settings, tmp_path / "infer.png", device="cpu", mixed_precision="no")
+    assert schedulers[-1] == "v_prediction"
+
+
+def test_duplicate_images_train_with_a_warning(caption_folder: Path, tmp_path: Path, capsys) -> None:
+    from tuner.recipes.sdxl import load_training_samples
+
+    # The same picture twice, with two captions: kohya and diffusers train on both.
+    (caption_folder / "copy.png").write_bytes((caption_folder / "0.png").read_bytes())
+    (caption_folder / "copy.txt").write_text("the same colour, another caption", encoding="utf-8")
+    samples = load_training_samples(_config(caption_folder, tmp_path / "out"))
+    assert len(samples) == len(IMAGES) + 1
+    printed = capsys.readouterr().out
+    copy = caption_folder / "copy.png"
+    assert f"warning: {copy}: image {copy} has the same content as {caption_folder / '0.png'}" in printed
+    assert not (tmp_path / "out" / "skipped.jsonl").exists()
+
+
+# The tensor each variant adds to or puts in place of LoRA's, in tuner's file and in the kohya file.
+VARIANT_TENSORS = {
+    "dora": ("lora_magnitude_vector", ".dora_scale"),
+    "lokr": (".lokr_w1", ".lokr_w1"),
+    "loha": (".hada_w1_a", ".hada_w1_a"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANT_TENSORS))
+def test_lora_variant_run_resumes_exactly_and_exports_to_kohya(
+    caption_folder: Path, tmp_path: Path, variant: str
+) -> None:
+    sections = {
+        "lora": {"variant": variant},
+        "output": {"sample_every": 0, "checkpoint_every": 1},
+        "data": {"caption_prefix": "sks"},
+    }
+    straight = train_sdxl_lora(
+        _config(caption_folder, tmp_path / "straight", train={"max_steps": 2}, **sections)
+    )
+    split = tmp_path / "split"
+    train_sdxl_lora(_config(caption_folder, split, train={"max_steps": 1}, **sections))
+    train_sdxl_lora(_config(caption_folder, split, train={"max_steps": 2}, **sections), resume="latest")
+    expected = load_file(straight / "pytorch_lora_weights.safetensors")
+    resumed = load_file(split / "pytorch_lora_weights.safetensors")
+    ours, kohya_suffix = VARIANT_TENSORS[variant]
+    variant_keys = [key for key in expected if key.endswith(ours)]
+    assert variant_keys and expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+    assert read_adapter_metadata(split / "pytorch_lora_weights.safetensors")["tuner.variant"] == variant
+    kohya = load_file(split / "pytorch_lora_weights_kohya.safetensors")
+    assert sum(key.endswith(kohya_suffix) for key in kohya) == len(variant_keys)
+    # The run's record as ComfyUI, A1111 and Forge show it (ss_* / modelspec keys).
+    header = read_adapter_metadata(straight / "pytorch_lora_weights_kohya.safetensors")
+    assert header["ss_sd_model_name"] == "tiny-sdxl" and header["ss_resolution"] == "(64, 64)"
+    assert (header["ss_steps"], header["ss_num_epochs"], header["ss_num_train_images"]) == ("2", "1", "6")
+    assert (header["ss_network_dim"], header["ss_network_alpha"]) == ("4", "2")
+    assert header["modelspec.trigger_phrase"] == "sks" and header["tuner.variant"] == variant
+    tags = json.loads(header["ss_tag_frequency"])
+    assert tags == {"data": {**{f"a plain colour {index}": 1 for index in range(len(IMAGES))}, "flat": 6}}

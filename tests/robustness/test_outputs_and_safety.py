@@ -84,6 +84,20 @@ def test_skip_bad_logs_each_skipped_sample_and_still_stops_above_the_fraction(tm
     assert "10.0%" in error.value.hint
 
 
+def test_only_the_main_process_prints_and_logs_the_data_problems(tmp_path: Path, capsys) -> None:
+    report = _report(2, 98)
+    report.warnings = [Problem("/d/a.png", "duplicate-image", "same picture as /d/b.png", "fine")]
+    # Every process reaches the same decision...
+    assert admit_dataset(report, tmp_path, skip_bad=True, max_bad_fraction=0.05, main_process=False) == 2
+    with pytest.raises(DataError):
+        admit_dataset(_report(10, 90), tmp_path, skip_bad=True, max_bad_fraction=0.05, main_process=False)
+    # ...but the others write and print nothing, so skipped.jsonl and the console hold one copy.
+    assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""
+    admit_dataset(report, tmp_path, skip_bad=True, max_bad_fraction=0.05, main_process=True)
+    assert len((tmp_path / "skipped.jsonl").read_text().splitlines()) == 2
+    assert "same picture as /d/b.png" in capsys.readouterr().out
+
+
 def test_a_second_sigint_aborts_at_once() -> None:
     with StopRequests() as requests:
         os.kill(os.getpid(), signal.SIGINT)

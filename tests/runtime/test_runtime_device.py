@@ -266,3 +266,16 @@ def test_build_accelerator_on_cpu():
     finally:
         # Accelerate's state is a process-wide singleton; leave none behind for other tests.
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_num_threads_sets_torch_cpu_threads() -> None:
+    from tuner.runtime.device import set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_cpu_threads(1)
+        assert torch.get_num_threads() == 1
+        set_cpu_threads(None)  # unset: torch's own default stays
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

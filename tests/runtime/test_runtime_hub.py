@@ -178,3 +178,12 @@ def test_modelscope_without_the_package_says_what_to_install(monkeypatch):
     with pytest.raises(ModelError, match="modelscope") as raised:
         resolve_model_source("qwen/Qwen2-VL-2B-Instruct", source="modelscope")
     assert "tuner[modelscope]" in raised.value.hint
+
+
+def test_cache_dir_sets_where_downloads_go(tmp_path, restore_hub_constants):
+    env: dict[str, str] = {}
+    models = str(tmp_path / "models")
+    apply_hub_settings(cache_dir=models, env=env)
+    assert env["HF_HUB_CACHE"] == env["MODELSCOPE_CACHE"] == models
+    cache = constants.HF_HUB_CACHE  # huggingface_hub is imported here; its downloads read this per call
+    assert cache == models

@@ -18,6 +18,7 @@ QWEN_FAMILIES = {
     "qwen2-vl": ("Qwen2VLForConditionalGeneration", "qwen2_vl"),
     "qwen2.5-vl": ("Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
     "qwen3-vl": ("Qwen3VLForConditionalGeneration", "qwen3_vl"),
+    "qwen3-vl-moe": ("Qwen3VLMoeForConditionalGeneration", "qwen3_vl_moe"),
 }
 
 
@@ -38,6 +39,7 @@ def test_unknown_name_raises_model_error_listing_the_valid_names(tmp_path: Path)
         ("tiny-qwen2-vl", "qwenvl-lora", "qwen2-vl"),
         ("tiny-qwen2.5-vl", "qwenvl-lora", "qwen2.5-vl"),
         ("tiny-qwen3-vl", "qwenvl-lora", "qwen3-vl"),
+        ("tiny-qwen3-vl-moe", "qwenvl-lora", "qwen3-vl-moe"),
         ("tiny-llama", "qwenvl-lora", None),
         ("Qwen/Qwen2.5-VL-3B-Instruct", "qwenvl-lora", None),
         ("./tiny", "sdxl-lora", None),
@@ -185,6 +187,6 @@ def test_qwen_vl_chat_template_is_the_family_s_own(name: str, tiny_model) -> Non
     )
     # Qwen2-VL and Qwen2.5-VL add a default system prompt; Qwen3-VL does not.
     default_system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    assert text == (turns if name == "qwen3-vl" else default_system + turns)
+    assert text == (turns if name.startswith("qwen3-vl") else default_system + turns)
     prompt = processor.apply_chat_template(_conversation()[:1], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")

@@ -66,3 +66,13 @@ def test_resume_errors_name_what_is_missing(tmp_path):
         resolve_resume(tmp_path, "latest")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         resolve_resume(tmp_path, tmp_path / "nope")
+
+
+def test_resume_latest_falls_back_past_a_corrupted_newest_checkpoint(tmp_path):
+    _write_checkpoint(tmp_path, 2)
+    newest = _write_checkpoint(tmp_path, 4)
+    (newest / "model.safetensors").write_bytes(b"WEIGHTS")  # same size, other bytes
+    assert resolve_resume(tmp_path, "latest").name == "step-000002"
+    # Named explicitly, a corrupted checkpoint is still refused.
+    with pytest.raises(CheckpointError, match="contents differ"):
+        resolve_resume(tmp_path, newest)

@@ -155,6 +155,44 @@ def test_validation_and_samples_leave_training_unchanged(tmp_path, new_accelerat
     assert [r["step"] for r in records if "validation_loss" in r] == [2, 4]
 
 
+def test_evaluation_is_logged_and_the_best_checkpoint_is_kept(tmp_path, new_accelerator, toy_job):
+    plain = toy_job()
+    run_training(plain, LoopSettings(max_steps=8), new_accelerator(), tmp_path / "plain")
+    scores = iter([0.2, 0.7, 0.4, 0.5])  # best at the second evaluation, step 4
+
+    def evaluate(step):
+        assert not torch.is_grad_enabled() and not job.model.training
+        torch.rand(100)  # generation may draw: must not shift training's RNG
+        return {"anls": next(scores), "exact_match": 0.0}
+
+    job = toy_job(eval_fn=evaluate)
+    settings = LoopSettings(
+        max_steps=8, log_every=1, eval_every=2, checkpoint_every=3, keep_checkpoints=1, keep_best="eval/anls"
+    )
+    result = run_training(job, settings, new_accelerator(), tmp_path / "run")
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [(r["step"], r["eval/anls"]) for r in records if "eval/anls" in r]
+    assert evaluated == [(2, 0.2), (4, 0.7), (6, 0.4), (8, 0.5)]
+    # Saved at step 4 although checkpoint_every is 3, and never pruned; the newest one is kept too.
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000004", "step-000008"]
+    assert result.best_checkpoint == tmp_path / "run" / "checkpoints" / "step-000004"
+    for name, value in _weights(plain).items():
+        assert torch.equal(_weights(job)[name], value), name
+
+
+def test_keep_best_by_validation_loss_keeps_the_lowest(tmp_path, new_accelerator, toy_job):
+    job = toy_job(validation_batches=[{"x": torch.ones(2, 6), "y": torch.zeros(2, 6)}])
+    settings = LoopSettings(
+        max_steps=6, validate_every=1, checkpoint_every=6, keep_checkpoints=1, keep_best="validation_loss"
+    )
+    result = run_training(job, settings, new_accelerator(), tmp_path)
+    best_step = min(result.validation_losses, key=lambda pair: pair[1])[0]
+    assert result.best_checkpoint == tmp_path / "checkpoints" / f"step-{best_step:06d}"
+    assert result.best_checkpoint.is_dir() and (tmp_path / "checkpoints" / "step-000006").is_dir()
+
+
 def test_settings_from_config_counts_epochs_in_optimizer_steps():
     config = RunConfig()
     config.train.grad_accum = 3

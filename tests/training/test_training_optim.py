@@ -84,3 +84,26 @@ def test_missing_optional_optimizer_says_what_to_install():
     with pytest.raises(ConfigError, match="prodigyopt") as error:
         build_optimizer("prodigy", _params(), lr=1.0)
     assert "pip install prodigyopt" in error.value.hint
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "linear"])
+def test_schedules_follow_transformers_curves_and_stay_at_zero_after_the_end(name):
+    from transformers import optimization
+
+    def scheduler(build):
+        return build(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+
+    ours = scheduler(lambda optimizer: build_lr_scheduler(optimizer, name, 3, 12))
+    reference_build = {
+        "constant": lambda o: optimization.get_constant_schedule_with_warmup(o, 3),
+        "cosine": lambda o: optimization.get_cosine_schedule_with_warmup(o, 3, 12),
+        "linear": lambda o: optimization.get_linear_schedule_with_warmup(o, 3, 12),
+    }[name]
+    reference = scheduler(reference_build)
+    for _ in range(12):
+        assert ours.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0], abs=1e-12)
+        ours.step()
+        reference.step()
+    for _ in range(5):
+        ours.step()
+        assert ours.get_last_lr()[0] == (1.0 if name == "constant" else 0.0)

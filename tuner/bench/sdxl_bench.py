@@ -35,6 +35,7 @@ class SDXLBenchSettings:
     seed: int = 0
     compile: bool = False
     channels_last: bool = False
+    dora: bool = False  # lora.variant: dora
     profile_dir: Path | None = None  # profile our trainer's steps after warm-up into this folder
 
     @property
@@ -46,7 +47,7 @@ def sdxl_trainers(
     settings: SDXLBenchSettings, work_dir: Path, baseline: bool = True, variants: tuple[str, ...] = ()
 ) -> list[Trainer]:
     """Build (once) the model and images; then the baseline (if asked), our trainer, and our trainer
-    with each of `variants` ("channels_last", "compile") switched on, as trainers to run."""
+    with each of `variants` ("channels_last", "compile", "dora") switched on, as trainers to run."""
     model_dir = build_sdxl_pipeline(settings.scale, work_dir / f"sdxl-{settings.scale}")
     data_dir = work_dir / f"images-{settings.resolution}-{settings.images}"
     if not data_dir.exists():
@@ -83,7 +84,7 @@ def ours_config(settings: SDXLBenchSettings, model_dir: Path, data_dir: Path, ou
             "task": "sdxl-lora",
             "model": {"name_or_path": str(model_dir)},
             "data": {"path": str(data_dir), "resolution": settings.resolution, "bucketing": False},
-            "lora": {"rank": LORA_RANK, "alpha": LORA_RANK},
+            "lora": {"rank": LORA_RANK, "alpha": LORA_RANK, "variant": "dora" if settings.dora else "lora"},
             "optim": {"lr": LEARNING_RATE},
             "train": {
                 "batch_size": settings.batch_size,
@@ -114,6 +115,7 @@ def train_ours_sdxl(settings: SDXLBenchSettings, model_dir: Path, data_dir: Path
     device = torch.device(settings.device)
     name = "ours (tuner recipe)" + (" + compile" if settings.compile else "")
     name += " + channels_last" if settings.channels_last else ""
+    name += " + dora" if settings.dora else ""
     profiler = profiler_for(settings.profile_dir, name, device, WARMUP_STEPS)
     clock = StepClock()
     timed = TimedLoss(

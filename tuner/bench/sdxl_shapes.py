@@ -126,7 +126,7 @@ def write_captioned_images(folder: Path, count: int, resolution: int, seed: int 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for index in range(count):
-        # A colour of its own per image: the recipe refuses duplicate images.
+        # A colour of its own per image: a duplicate would train twice and be warned about.
         colour = tuple(rng.randrange(256) for _ in range(3))
         shape = rng.choice(SHAPES)
         draw_shape(colour, shape, resolution, resolution).save(folder / f"{index:05d}.png")

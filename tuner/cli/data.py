@@ -64,6 +64,15 @@ def check_command(
     max_length: Annotated[
         int | None, typer.Option("--max-length", help="qwenvl: longest sample in tokens.")
     ] = None,
+    video_fps: Annotated[
+        float | None, typer.Option("--video-fps", help="qwenvl: video frames sampled per second.")
+    ] = None,
+    video_max_frames: Annotated[
+        int | None, typer.Option("--video-max-frames", help="qwenvl: most frames sampled per video.")
+    ] = None,
+    video_max_pixels: Annotated[
+        int | None, typer.Option("--video-max-pixels", help="qwenvl: pixels of all frames of a video.")
+    ] = None,
 ) -> None:
     """Read the whole dataset the way training would and list EVERY problem, then a summary.
 
@@ -71,6 +80,7 @@ def check_command(
     """
     from tuner.config.schema import DataConfig, TrainConfig
     from tuner.data.check import QWENVL_MIN_SIZE, SDXL_MIN_SIZE, check_qwenvl_dataset, check_sdxl_dataset
+    from tuner.data.video import VideoSampling
 
     data = DataConfig()
     if kind is DatasetKind.sdxl:
@@ -80,6 +90,9 @@ def check_command(
             max_pixels=max_pixels,
             min_pixels=min_pixels,
             max_length=max_length,
+            video_fps=video_fps,
+            video_max_frames=video_max_frames,
+            video_max_pixels=video_max_pixels,
         )
         report = check_sdxl_dataset(
             path,
@@ -110,6 +123,14 @@ def check_command(
             max_image_pixels=_default(max_image_pixels, data.max_image_pixels),
             min_size=_default(min_size, QWENVL_MIN_SIZE),
             max_length=_default(max_length, data.max_length),
+            video=VideoSampling(
+                _default(video_fps, data.video_fps),
+                data.video_min_frames,
+                _default(video_max_frames, data.video_max_frames),
+                _default(video_max_pixels, data.video_max_pixels),
+                min_pixels,
+                max_pixels,
+            ),
         )
     print(json.dumps(report.to_json(), indent=2) if as_json else report.format_text())
     if report.problems:

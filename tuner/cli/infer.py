@@ -47,8 +47,12 @@ def infer_sdxl_command(
     mixed_precision: options.MixedPrecision = None,
     offline: options.Offline = None,
     hub: options.Hub = None,
+    ca_bundle: options.CaBundle = None,
+    hf_endpoint: options.HfEndpoint = None,
+    insecure_skip_tls_verify: options.InsecureSkipTlsVerify = None,
 ) -> None:
     """Generate SDXL images, with LoRA adapters (tuner, diffusers or kohya files) stacked at their scales."""
+    options.apply_hub_flags(ca_bundle, hf_endpoint, offline, insecure_skip_tls_verify)
     from tuner.errors import ConfigError
     from tuner.models.sdxl_infer import Adapter, GenerationSettings, infer_sdxl
     from tuner.runtime.stack import check_stack
@@ -96,6 +100,14 @@ def infer_qwenvl_command(
     image: Annotated[
         list[Path] | None, typer.Option("--image", help="An image the prompt asks about (repeatable).")
     ] = None,
+    video: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--video",
+            help="A video file or folder of frame images the prompt asks about (repeatable); sampled as "
+            "training samples it (2 frames per second by default).",
+        ),
+    ] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="The question to answer.")] = None,
     data: Annotated[
         Path | None,
@@ -115,16 +127,27 @@ def infer_qwenvl_command(
         int | None,
         typer.Option("--max-pixels", help="Upper bound of pixels per image (default: training's)."),
     ] = None,
+    draw_boxes: Annotated[
+        Path | None,
+        typer.Option(
+            "--draw-boxes", help="Write the --image with the boxes of the answer drawn to this image file."
+        ),
+    ] = None,
     device: options.Device = None,
     mixed_precision: options.MixedPrecision = None,
     trust_remote_code: options.TrustRemoteCode = None,
     allow_pickle: options.AllowPickle = None,
     offline: options.Offline = None,
     hub: options.Hub = None,
+    ca_bundle: options.CaBundle = None,
+    hf_endpoint: options.HfEndpoint = None,
+    insecure_skip_tls_verify: options.InsecureSkipTlsVerify = None,
 ) -> None:
-    """Answer a question about images with a Qwen-VL model and adapter, or every sample of a dataset."""
+    """Answer a question about images and videos with a Qwen-VL model and adapter, or every sample of a
+    dataset."""
+    options.apply_hub_flags(ca_bundle, hf_endpoint, offline, insecure_skip_tls_verify)
     from tuner.errors import ConfigError
-    from tuner.models.qwenvl_infer import answer_dataset, answer_prompt, load_answerer
+    from tuner.models.qwenvl_infer import answer_dataset, answer_prompt, answer_with_boxes, load_answerer
     from tuner.runtime import resolve_runtime
     from tuner.runtime.stack import check_stack
 
@@ -133,8 +156,15 @@ def infer_qwenvl_command(
         raise ConfigError(
             "pass either --prompt or --data", hint="e.g. --image cat.png --prompt 'What is this?'"
         )
-    if data is not None and image:
-        raise ConfigError("--image goes with --prompt", hint="--data reads the images named in its records")
+    if data is not None and (image or video):
+        raise ConfigError(
+            "--image and --video go with --prompt", hint="--data reads the images and videos of its records"
+        )
+    if draw_boxes is not None and (prompt is None or len(image or []) != 1 or video):
+        raise ConfigError(
+            "--draw-boxes needs --prompt and exactly one --image",
+            hint="e.g. --image cat.png --prompt 'Locate the cat' --draw-boxes cat-boxes.png",
+        )
     answerer = load_answerer(
         model,
         resolve_runtime(device or "auto", mixed_precision or "auto"),
@@ -148,5 +178,12 @@ def infer_qwenvl_command(
     if data is not None:
         count = answer_dataset(answerer, data, out, image_root, max_new_tokens, temperature)
         print(f"wrote {count} answers to {out}")
+    elif draw_boxes is not None:
+        answer, boxes = answer_with_boxes(
+            answerer, prompt or "", (image or [])[0], draw_boxes, max_new_tokens, temperature
+        )
+        print(answer)
+        print(f"wrote {draw_boxes} ({len(boxes)} box{'' if len(boxes) == 1 else 'es'})")
     else:
-        print(answer_prompt(answerer, prompt or "", image or [], max_new_tokens, temperature))
+        videos = video or []
+        print(answer_prompt(answerer, prompt or "", image or [], max_new_tokens, temperature, videos=videos))

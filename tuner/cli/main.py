@@ -23,9 +23,12 @@ from tuner import __version__
 from tuner.cli import options
 from tuner.cli.convert import convert_command
 from tuner.cli.data import data_app
+from tuner.cli.eval import eval_app
 from tuner.cli.infer import infer_app
 from tuner.cli.merge import merge_command
+from tuner.cli.report import report_command
 from tuner.cli.selftest import selftest_command
+from tuner.cli.serve import serve_command
 from tuner.cli.train import train_app
 from tuner.errors import TunerError
 
@@ -42,9 +45,12 @@ app.add_typer(presets_app, name="presets")
 app.add_typer(train_app, name="train")
 app.add_typer(data_app, name="data")
 app.add_typer(infer_app, name="infer")
+app.add_typer(eval_app, name="eval")
 app.command("merge")(merge_command)
+app.command("report")(report_command)
 app.command("convert")(convert_command)
 app.command("selftest")(selftest_command)
+app.command("serve-command")(serve_command)
 
 _verbose = False
 
@@ -75,19 +81,36 @@ def env_command(
     hf_endpoint: options.HfEndpoint = None,
     offline: options.Offline = None,
     insecure_skip_tls_verify: options.InsecureSkipTlsVerify = None,
+    check_hub: Annotated[
+        bool,
+        typer.Option(
+            "--check-hub",
+            help="Also connect to the hub: TLS verification, certificates presented, proxy, one small fetch.",
+        ),
+    ] = False,
+    hub: options.Hub = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="With --check-hub: a hub ID whose config.json to fetch.")
+    ] = None,
 ) -> None:
-    """Show the device, versions, precision and hub settings a run would use (and NPU pre-flight checks)."""
-    from tuner.runtime import apply_hub_settings, environment_report, format_environment_report
+    """Show the device, versions, precision and hub settings a run would use (and NPU pre-flight checks).
 
-    for warning in apply_hub_settings(
-        endpoint=hf_endpoint,
-        ca_bundle=ca_bundle,
-        offline=bool(offline),
-        insecure_skip_tls_verify=bool(insecure_skip_tls_verify),
-    ):
-        print(f"warning: {warning}", file=sys.stderr)
+    With --check-hub it exits 1 when a download from the hub would fail.
+    """
+    options.apply_hub_flags(ca_bundle, hf_endpoint, offline, insecure_skip_tls_verify)
+    from tuner.runtime import environment_report, format_environment_report
+
     report = environment_report(device or "auto", mixed_precision or "auto")
-    print(json.dumps(report, indent=2, default=str) if as_json else format_environment_report(report))
+    text = format_environment_report(report)
+    if check_hub:
+        from tuner.runtime.hub_check import check_hub as run_hub_check
+        from tuner.runtime.hub_check import format_hub_check
+
+        report["hub_check"] = run_hub_check(hub or "huggingface", model, bool(insecure_skip_tls_verify))
+        text += "\n\n" + format_hub_check(report["hub_check"])
+    print(json.dumps(report, indent=2, default=str) if as_json else text)
+    if check_hub and not report["hub_check"]["ok"]:
+        raise typer.Exit(1)
 
 
 @presets_app.command("list")
@@ -137,6 +160,7 @@ def launch_command(
     from tuner.launch import accelerate_command, collective_settings, detect_topology, format_command
     from tuner.runtime import resolve_runtime
 
+    _check_tuner_command(ctx)
     runtime = resolve_runtime(device or "auto")
     topology = detect_topology(os.environ, runtime.device_count, socket.gethostname())
     if not topology.should_launch:
@@ -153,11 +177,38 @@ def launch_command(
         os.execvpe(command[0], command, {**os.environ, **settings})
 
 
+def _check_tuner_command(ctx: typer.Context) -> None:
+    """Refuse what `launch` would otherwise pass through unread: the command must start with a tuner command.
+
+    `ignore_unknown_options` lets the training command's own options through, but it also lets a
+    mistyped launch option (`--from-env`) through, to fail later on every node.
+    """
+    group = ctx.parent.command if ctx.parent else None
+    commands = getattr(group, "commands", {})
+    root_options = {option for parameter in getattr(group, "params", []) for option in parameter.opts}
+    args = list(ctx.args)
+    while args and args[0] in root_options:
+        args.pop(0)
+    if args and args[0] in commands:
+        return
+    if not args:
+        message = "tuner launch needs the tuner command to start"
+    elif args[0].startswith("-"):
+        message = f"No such option: {args[0]}"
+    else:
+        message = f"{args[0]!r} is not a tuner command"
+    raise click_exceptions.UsageError(
+        f"{message} (launch takes --dry-run, --socket-ifname and --device, then a tuner command such as "
+        "`train sdxl-lora ...`)",
+        ctx,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs the app and renders user errors as one or two lines."""
     try:
         # With standalone_mode=False, typer returns the code of a `typer.Exit` instead of exiting.
-        code = app(args=argv, standalone_mode=False)
+        code = _run(argv)
         if isinstance(code, int) and code:
             sys.exit(code)
     except TunerError as error:
@@ -171,6 +222,22 @@ def main(argv: list[str] | None = None) -> None:
     except click_exceptions.UsageError as error:
         command = error.ctx.command_path if error.ctx else "tuner"
         _fail(error.format_message(), f"see `{command} --help`", 2)
+
+
+def _run(argv: list[str] | None) -> object:
+    try:
+        return app(args=argv, standalone_mode=False)
+    except (click_exceptions.ClickException, typer.Exit, typer.Abort):
+        raise  # usage errors: no need to import the runtime (and torch) to look inside them
+    except Exception as error:
+        # Whichever command touched a hub and however the libraries wrapped it, an untrusted TLS
+        # certificate is reported as one HubError that names the certificate and the fix.
+        from tuner.runtime.hub import hub_error_from
+
+        hub_error = hub_error_from(error)
+        if hub_error is None:
+            raise
+        raise hub_error from error
 
 
 def _fail(message: str, hint: str | None, code: int) -> None:

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from tuner.cli import options
+
 PEFT_CONFIG_FILE = "adapter_config.json"
 
 
@@ -21,8 +23,13 @@ def merge_command(
     single_file: Annotated[
         bool, typer.Option("--single-file", help="SDXL: one original-layout .safetensors checkpoint.")
     ] = False,
+    offline: options.Offline = None,
+    ca_bundle: options.CaBundle = None,
+    hf_endpoint: options.HfEndpoint = None,
+    insecure_skip_tls_verify: options.InsecureSkipTlsVerify = None,
 ) -> None:
     """Merge a LoRA into its base: SDXL (diffusers LoRA file) or Qwen-VL (PEFT folder)."""
+    options.apply_hub_flags(ca_bundle, hf_endpoint, offline, insecure_skip_tls_verify)
     from tuner.runtime.stack import check_stack
 
     check_stack()
@@ -34,7 +41,7 @@ def merge_command(
             raise ConfigError(
                 "--single-file is for SDXL only", hint="drop --single-file for a Qwen-VL adapter"
             )
-        written = merge_qwenvl_adapter(base, adapter, output, scale, dtype)
+        written = merge_qwenvl_adapter(base, adapter, output, scale, dtype, offline=bool(offline))
     else:
         from tuner.models.sdxl_merge import merge_sdxl_adapter
 

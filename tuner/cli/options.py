@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,26 @@ InsecureSkipTlsVerify = Annotated[
         help="DANGEROUS: turn TLS verification off for hub downloads only. Prefer --ca-bundle.",
     ),
 ]
+
+
+def apply_hub_flags(
+    ca_bundle: str | None,
+    hf_endpoint: str | None,
+    offline: bool | None,
+    insecure_skip_tls_verify: bool | None,
+) -> None:
+    """The hub options of a command without a run config (env, infer, merge, convert), applied before
+    anything imports huggingface_hub; TUNER_CA_BUNDLE stands in for a missing --ca-bundle."""
+    from tuner.runtime import apply_hub_settings
+
+    for warning in apply_hub_settings(
+        endpoint=hf_endpoint,
+        ca_bundle=ca_bundle,
+        offline=bool(offline),
+        insecure_skip_tls_verify=bool(insecure_skip_tls_verify),
+    ):
+        print(f"warning: {warning}", file=sys.stderr)
+
 
 Model = Annotated[
     str | None, typer.Option("--model", help="Hub ID, local folder or checkpoint; `tiny` for the built-in.")

@@ -74,7 +74,11 @@ MainProcessPort = Annotated[
     int | None, typer.Option("--main-process-port", help="Port on machine 0 (multi-machine runs).")
 ]
 Targets = Annotated[
-    str | None, typer.Option("--targets", help="LoRA targets: llm, vision, merger (comma-separated).")
+    str | None,
+    typer.Option(
+        "--targets",
+        help="LoRA targets: llm, vision, merger; on Qwen3-VL-MoE also experts, router (comma-separated).",
+    ),
 ]
 SkipBad = Annotated[
     bool | None,
@@ -83,6 +87,13 @@ SkipBad = Annotated[
 MaxBadFraction = Annotated[
     float | None,
     typer.Option("--max-bad-fraction", help="With --skip-bad, stop anyway above this share (default 0.05)."),
+]
+LogWith = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--log-with",
+        help="Experiment tracker: tensorboard, wandb, swanlab or mlflow (repeatable; writes into --output).",
+    ),
 ]
 MaxNonfinite = Annotated[
     int | None,
@@ -124,6 +135,7 @@ def sdxl_lora(
     skip_bad: SkipBad = None,
     max_bad_fraction: MaxBadFraction = None,
     max_nonfinite: MaxNonfinite = None,
+    log_with: LogWith = None,
     allow_pickle: options.AllowPickle = None,
     ca_bundle: options.CaBundle = None,
     hf_endpoint: options.HfEndpoint = None,
@@ -188,6 +200,7 @@ def qwenvl_lora(
     skip_bad: SkipBad = None,
     max_bad_fraction: MaxBadFraction = None,
     max_nonfinite: MaxNonfinite = None,
+    log_with: LogWith = None,
     allow_pickle: options.AllowPickle = None,
     trust_remote_code: options.TrustRemoteCode = None,
     distributed: Distributed = None,
@@ -244,6 +257,7 @@ _COMMON_FLAG_KEYS = {
     "skip_bad": "data.skip_bad",
     "max_bad_fraction": "data.max_bad_fraction",
     "max_nonfinite": "train.max_nonfinite",
+    "log_with": "output.log_with",
     "allow_pickle": "model.allow_pickle",
     "ca_bundle": "hub.ca_bundle",
     "hf_endpoint": "hub.endpoint",
@@ -282,6 +296,7 @@ def _build(
         ca_bundle=hub.ca_bundle,
         offline=hub.offline,
         insecure_skip_tls_verify=hub.insecure_skip_tls_verify,
+        cache_dir=hub.cache_dir,
     ):
         print(f"warning: {warning}", file=sys.stderr)
     return config
@@ -316,7 +331,7 @@ def _relaunch_if_asked(config: RunConfig, arguments: dict[str, Any]) -> None:
 
 
 def _report_done(output_dir: Path) -> None:
-    import os
+    from tuner.distributed import launched_rank
 
-    if os.environ.get("RANK", "0") == "0":  # once per run, not once per process
+    if launched_rank() == 0:  # once per run, not once per process
         print(f"\nDone. Everything is in {output_dir}/")

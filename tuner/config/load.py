@@ -40,7 +40,7 @@ def build_config(
     """Merge the layers and validate. `flags` maps dotted keys to values (None = not given)."""
     layers: list[tuple[str, dict]] = []
     if preset:
-        preset_layer = load_preset(preset)
+        preset_layer = load_preset(preset, task)
         for key in KEYS_PRESETS_MAY_NOT_SET:
             if _get_dotted(preset_layer, key):
                 raise ConfigError(

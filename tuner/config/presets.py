@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import get_args
 
 import yaml
 
+from tuner.config.schema import Task
 from tuner.errors import ConfigError
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -45,8 +47,26 @@ def preset_description(name: str) -> str:
     return str(data.get("description", "")).strip()
 
 
-def load_preset(name: str) -> dict:
-    """The preset's settings as a nested dict (without its description)."""
+def load_preset(name: str, task: str | None = None) -> dict:
+    """The preset's settings for `task` as a nested dict (without its description).
+
+    A preset for several tasks puts what only one task reads under a top-level key named after it
+    (`sdxl-lora:`, `qwenvl-lora:`), since each recipe refuses the keys it does not use (see
+    `tuner.config.keys`). Those sections are merged over the shared settings for `task`; with no task
+    (`tuner presets show`), all of them are.
+    """
     data = yaml.safe_load(preset_path(name).read_text(encoding="utf-8")) or {}
     data.pop("description", None)
+    sections = {task_name: data.pop(task_name) for task_name in get_args(Task) if task_name in data}
+    for task_name, section in sections.items():
+        if task is None or task_name == task:
+            data = _merged(data, section)
     return data
+
+
+def _merged(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_sections else value
+    return merged

@@ -77,6 +77,16 @@ class DataConfig(Section):
     # stays inside each sample). Pays off with flash_attention_2's variable-length kernels; with eager/SDPA
     # the block-diagonal mask still costs the attention of the whole row.
     packing: bool = False
+    # Qwen-VL: what trains of the reasoning (`<think>` blocks, reasoning_content) in replies: `keep` it,
+    # `strip` it, or write an `empty` think block (see tuner.data.thinking).
+    thinking: Literal["keep", "strip", "empty"] = "keep"
+    # Qwen-VL videos (tuner.data.video): frames sampled per second of video, at least/at most this many
+    # frames (a multiple of 2, spread over the whole video), and the pixels of all of one video's frames
+    # together (each frame within min_pixels..max_pixels; fewer pixels per frame for longer videos).
+    video_fps: float = Field(2.0, gt=0)
+    video_min_frames: int = Field(4, ge=1)
+    video_max_frames: int = Field(128, ge=2)
+    video_max_pixels: int = Field(4 * 768 * 768, ge=1)
     validation_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     skip_bad: bool = False
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
@@ -89,11 +99,20 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # SDXL: `attention`, `attention+ffn`, `attention+ffn+conv`. Qwen-VL: any of `llm`, `vision`, `merger`.
     targets: list[str] = Field(default_factory=list)
-    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] | str = "default"
+    # Initialisations that leave the base weights untouched (PiSSA, OLoRA and LoftQ rewrite them, which
+    # neither a diffusers LoRA file nor a Qwen-VL adapter for the unchanged base can carry).
+    init: Literal["default", "gaussian"] = "default"
+    # `lora`; `dora` (weight-decomposed LoRA, PEFT's use_dora: a learned magnitude per output channel on
+    # top of the LoRA direction; costs step time, see docs/benchmarks.md); SDXL also `lokr` (Kronecker
+    # product, PEFT's LoKrConfig) and `loha` (Hadamard product, LoHaConfig), LyCORIS' algorithms.
+    variant: Literal["lora", "dora", "lokr", "loha"] = "lora"
     # SDXL: also adapt both text encoders (turns embedding caching off).
     text_encoder: bool = False
     text_encoder_lr: float | None = None
     use_rslora: bool = False
+    # Qwen-VL: learning rates of the vision-tower and merger LoRA weights (default: optim.lr).
+    lr_vision: float | None = Field(None, gt=0)
+    lr_merger: float | None = Field(None, gt=0)
 
 
 class OptimConfig(Section):
@@ -112,6 +131,9 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=1)
+    # On --resume with more steps than the run was planned for: stretch the lr schedule to the new
+    # length (otherwise it keeps the length in the checkpoint, and cosine/linear stay at lr 0 after it).
+    extend_schedule: bool = False
     seed: int = 42
     gradient_checkpointing: bool = False
     # SDXL: cache VAE latents and text-encoder outputs before the first step.
@@ -136,8 +158,22 @@ class OutputConfig(Section):
     sample_every: int = Field(0, ge=0)
     sample_prompts: list[str] = Field(default_factory=list)
     sample_steps: int = Field(25, ge=1)
-    save_format: Literal["diffusers", "kohya", "both", "peft"] = "diffusers"
+    # Validation loss every N optimizer steps (with data.validation_fraction > 0); 0 = at the end only.
+    validate_every: int = Field(0, ge=0)
+    # SDXL: `both` writes the kohya file (ComfyUI, A1111/Forge) beside the diffusers one; see docs/serving.md.
+    save_format: Literal["diffusers", "kohya", "both", "peft"] = "both"
     overwrite: bool = False
+    # Experiment trackers that also get every scalar, the config and the samples (both recipes):
+    # tensorboard, wandb, swanlab, mlflow; each writes into the output folder by default (see docs/report.md).
+    log_with: list[Literal["tensorboard", "wandb", "swanlab", "mlflow"]] = Field(default_factory=list)
+    # Qwen-VL: score greedy answers to held-out questions during training, as `tuner eval qwenvl` does
+    # (a conversations file, or `tiny`), every eval_every optimizer steps (0: at the last step only);
+    # logged as `eval/<metric>` beside the loss. See docs/report.md.
+    eval_data: str | None = None
+    eval_every: int = Field(0, ge=0)
+    # Keep the checkpoint with the best `eval/<metric>` (highest) or `validation_loss` (lowest): it is
+    # saved at the step it was measured, never pruned, and named at the end of the run.
+    keep_best: str | None = Field(None, pattern=r"^(validation_loss|eval/[a-z_]+)$")
 
 
 class RuntimeConfig(Section):

@@ -9,7 +9,8 @@ Three layouts are recognised:
   (parquet/arrow files), or a dataset name, with an image column and a caption column.
 
 Scanning never stops at the first bad sample: `CaptionScan.samples` holds the usable samples and
-`CaptionScan.problems` one `Problem` for each sample left out (and each caption file without an image).
+`CaptionScan.problems` one `Problem` for each sample left out (and each caption file without an image);
+`CaptionScan.warnings` lists what trains but may be a mistake (an image whose content another has).
 Images are not decoded unless `check_images=True`; they are read only to hash them for duplicates.
 """
 
@@ -89,6 +90,9 @@ class CaptionScan:
     samples: list[CaptionedImage]
     problems: list[Problem]
     layout: str  # "folder-txt", "metadata-jsonl", "metadata-csv" or "hf-dataset"
+    # Trainable but worth a look: an image whose content another sample already has (it stays in
+    # `samples`, so it trains twice as often, as kohya and diffusers would train it).
+    warnings: list[Problem] = field(default_factory=list)
 
 
 def scan_caption_dataset(
@@ -171,18 +175,29 @@ def transform_caption(
 
 @dataclass
 class _ImageChecks:
-    """Per-image checks shared by every layout: duplicate content (always) and decoding (on request)."""
+    """Per-image checks shared by every layout: duplicate content (always, a warning) and decoding (on
+    request, a problem)."""
 
     decode: bool
     max_pixels: int
     min_side: int
     first_seen: dict[str, str] = field(default_factory=dict)
+    warnings: list[Problem] = field(default_factory=list)
 
-    def duplicate_of(self, data: bytes, name: str) -> str | None:
-        """Where identical bytes were seen first, or None (and remember `name` as their first place)."""
+    def note_duplicate(self, data: bytes, name: str, report_file: str, record: int | None) -> None:
+        """Warn when identical bytes were seen before (else remember `name` as their first place)."""
         digest = hashlib.sha256(data).hexdigest()
         first = self.first_seen.setdefault(digest, name)
-        return None if first == name else first
+        if first != name:
+            self.warnings.append(
+                Problem(
+                    report_file,
+                    "duplicate-image",
+                    f"image {name} has the same content as {first}",
+                    "it trains twice as often; remove one copy unless that is intended",
+                    record,
+                )
+            )
 
     def inspect(self, image: Path | bytes, name: str) -> Problem | None:
         if not self.decode:
@@ -243,7 +258,7 @@ def _scan_folder_txt(image_files: list[Path], caption_files: list[Path], checks:
         for caption_file in caption_files
         if caption_file.with_suffix("") not in image_stems
     )
-    return CaptionScan(samples, problems, "folder-txt")
+    return CaptionScan(samples, problems, "folder-txt", checks.warnings)
 
 
 def _read_caption_file(file: Path) -> tuple[str, Problem | None]:
@@ -274,18 +289,11 @@ def _check_file(
             "fix the name or add the image",
             record,
         )
-    first = checks.duplicate_of(image.read_bytes(), name)
-    if first is not None:
-        return Problem(
-            report_file,
-            "duplicate-image",
-            f"image {name} has the same content as {first}",
-            "remove one of the two (duplicates train twice as often)",
-            record,
-        )
     problem = checks.inspect(image, name)
     if problem is not None and record is not None:
         return Problem(report_file, problem.kind, f"{name}: {problem.what}", problem.fix, record)
+    if problem is None:
+        checks.note_duplicate(image.read_bytes(), name, report_file, record)
     return problem
 
 
@@ -367,7 +375,7 @@ def _scan_metadata(
             kept.append(sample)
         else:
             problems.append(problem)
-    return CaptionScan(kept, problems, layout)
+    return CaptionScan(kept, problems, layout, checks.warnings)
 
 
 def _missing_column(metadata: Path, column: str, seen: set[str], setting: str) -> DataError:
@@ -450,7 +458,7 @@ def _scan_hf_dataset(
                 continue
             image = DatasetRow(source, split, row, image_column, saved_to_disk)
             samples.append(CaptionedImage(image=image, caption=caption.strip(), source=name))
-    return CaptionScan(samples, problems, "hf-dataset")
+    return CaptionScan(samples, problems, "hf-dataset", checks.warnings)
 
 
 def _check_hf_row(
@@ -469,13 +477,11 @@ def _check_hf_row(
         return Problem(source, "missing-image", error.message, error.hint or "", record)
     if isinstance(encoded, Path):
         return _check_file(encoded, str(encoded), record, source, checks)
-    first = checks.duplicate_of(encoded, name)
-    if first is not None:
-        return Problem(
-            source, "duplicate-image", f"same image as {first}", "drop one of the two rows", record
-        )
     problem = checks.inspect(encoded, name)
-    return None if problem is None else Problem(source, problem.kind, problem.what, problem.fix, record)
+    if problem is not None:
+        return Problem(source, problem.kind, problem.what, problem.fix, record)
+    checks.note_duplicate(encoded, name, source, record)
+    return None
 
 
 def _encoded_image(value: Any, name: str) -> bytes | Path:
@@ -533,3 +539,15 @@ def _open_hf_dataset(source: str, saved_to_disk: bool, split: str | None, image_
         # decode=False hands back the stored bytes, so our loader applies EXIF, mode and size rules.
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     return dataset
+
+
+def tag_frequency(samples: list[CaptionedImage]) -> dict[str, dict[str, int]]:
+    """{folder: {tag: count}} over the captions' comma-separated tags, as kohya's `ss_tag_frequency`
+    records them (the folder is the image's; a Hugging Face dataset's rows count under `dataset`)."""
+    frequency: dict[str, dict[str, int]] = {}
+    for sample in samples:
+        folder = sample.image.parent.name if isinstance(sample.image, Path) else "dataset"
+        counts = frequency.setdefault(folder, {})
+        for tag in filter(None, (part.strip() for part in sample.caption.split(","))):
+            counts[tag] = counts.get(tag, 0) + 1
+    return frequency

@@ -16,7 +16,7 @@ import statistics
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,17 @@ from PIL import Image
 
 from tuner.data.buckets import bucket_histogram, nearest_bucket, sdxl_buckets
 from tuner.data.captions import DatasetRow, scan_caption_dataset
-from tuner.data.conversations import load_conversations
+from tuner.data.conversations import Conversation, load_conversations
 from tuner.data.images import DEFAULT_MAX_PIXELS, inspect_image
 from tuner.data.problems import Problem
+from tuner.data.video import (
+    VideoSampling,
+    VideoSource,
+    plan_frames,
+    probe_video,
+    video_problem,
+    video_tokens,
+)
 
 # SDXL trains at ~1024 px; below 64 px a picture is mostly upscaling blur.
 SDXL_MIN_SIZE = 64
@@ -42,6 +50,8 @@ _STAT_LABELS = {
     "caption_words": "caption (words)",
     "text_words": "text (words)",
     "tokens": "length (tokens)",
+    "video_frames": "frames per video",
+    "video_tokens": "tokens per video",
 }
 
 
@@ -55,11 +65,16 @@ class DataReport:
     problems: list[Problem]
     stats: dict
     histogram: str  # the bucket (SDXL) or token-length (Qwen-VL) histogram
+    # Samples that train but may be a mistake (duplicates): reported, never refused, counted in samples_ok.
+    warnings: list[Problem] = field(default_factory=list)
 
     def problem_counts(self) -> dict[str, int]:
         """Problems per kind, most frequent first."""
-        counts = Counter(problem.kind for problem in self.problems)
-        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+        return _counts(self.problems)
+
+    def warning_counts(self) -> dict[str, int]:
+        """Warnings per kind, most frequent first."""
+        return _counts(self.warnings)
 
     def to_json(self) -> dict:
         return {
@@ -70,29 +85,49 @@ class DataReport:
             "problem_count": len(self.problems),
             "problem_counts": self.problem_counts(),
             "problems": [asdict(problem) for problem in self.problems],
+            "warning_count": len(self.warnings),
+            "warning_counts": self.warning_counts(),
+            "warnings": [asdict(warning) for warning in self.warnings],
             "stats": self.stats,
             "histogram": self.histogram,
         }
 
     def format_text(self, limit: int | None = None) -> str:
-        """Problem lines (the first `limit` of them, then a count of the rest), then the summary."""
-        shown = self.problems if limit is None else self.problems[:limit]
-        lines = [str(problem) for problem in shown]
-        hidden = len(self.problems) - len(shown)
-        if hidden:
-            lines.append(f"... and {hidden} more (`tuner data check {self.kind} {self.path}` lists them all)")
+        """Problem lines, then warning lines (the first `limit` of each, then a count of the rest), then
+        the summary."""
+        lines = [
+            *self.format_lines(self.problems, limit),
+            *self.format_lines(self.warnings, limit, "warning: "),
+        ]
         if lines:
             lines.append("")
         counts = ", ".join(f"{kind} {count}" for kind, count in self.problem_counts().items())
+        warning_counts = ", ".join(f"{kind} {count}" for kind, count in self.warning_counts().items())
         lines.append(
             f"{self.kind} dataset {self.path}: {self.samples_ok} samples ok, "
             f"{len(self.problems)} problem{'' if len(self.problems) == 1 else 's'}"
             + (f" ({counts})" if counts else "")
+            + (
+                f", {len(self.warnings)} warning{'' if len(self.warnings) == 1 else 's'} ({warning_counts})"
+                if self.warnings
+                else ""
+            )
         )
         lines.extend(_format_stats(self.stats))
         if self.histogram:
             lines.extend(["", self.histogram])
         return "\n".join(lines)
+
+    def format_lines(self, items: Sequence[Problem], limit: int | None, prefix: str = "") -> list[str]:
+        """One line per item (the first `limit`), then a count of the rest."""
+        shown = items if limit is None else items[:limit]
+        lines = [f"{prefix}{item}" for item in shown]
+        if len(items) > len(shown):
+            lines.append(
+                f"{prefix}... and {len(items) - len(shown)} more "
+                f"(`tuner data check {self.kind} {self.path}` lists them all)"
+            )
+        return lines
 
 
 def check_sdxl_dataset(
@@ -126,7 +161,15 @@ def check_sdxl_dataset(
     }
     assignments = [nearest_bucket(width, height, buckets) for width, height in sizes]
     histogram = bucket_histogram(assignments, batch_size) if assignments else ""
-    return DataReport("sdxl", str(path), len(scan.samples), _in_file_order(scan.problems), stats, histogram)
+    return DataReport(
+        "sdxl",
+        str(path),
+        len(scan.samples),
+        _in_file_order(scan.problems),
+        stats,
+        histogram,
+        _in_file_order(scan.warnings),
+    )
 
 
 def check_qwenvl_dataset(
@@ -139,20 +182,27 @@ def check_qwenvl_dataset(
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     min_size: int = QWENVL_MIN_SIZE,
     max_length: int = 2048,
+    video: VideoSampling | None = None,
 ) -> DataReport:
     """Check a Qwen-VL conversation dataset, decoding every image; with a `processor`, also measure every
     sample in tokens.
+
+    Videos are probed and their first frame decoded (missing, undecodable, empty and too-short videos are
+    problems); the statistics say how many frames each video is sampled to and, with a `processor`, how
+    many tokens it becomes (`video` says how frames are sampled; default: training's defaults).
 
     `processor` should be built with `min_pixels`/`max_pixels` (they decide how many tokens an image
     becomes); here they are only recorded in the statistics.
     """
     if processor is not None:
+        from tuner.data.thinking import TrainingSamples
         from tuner.data.vl_encoding import token_length  # torch: only when measuring tokens
     scan = load_conversations(path, image_root, check_images=False)
     problems = list(scan.problems)
     images: dict[Path, _ImageFacts | Problem] = {}
-    # Keyed by a digest, not the text: a large dataset's check must not hold every conversation.
-    first_places: dict[str, str] = {}
+    video = video or VideoSampling(frame_min_pixels=min_pixels, frame_max_pixels=max_pixels)
+    videos: dict[VideoSource, tuple[int, int | None] | Problem] = {}
+    duplicates = DuplicateConversations()
     usable = 0
     images_per_sample: list[int] = []
     text_words: list[int] = []
@@ -171,26 +221,26 @@ def check_qwenvl_dataset(
                 found.append(replace(facts, file=data_file, record=record, what=what))
             else:
                 digests.append(facts.digest)
+        for source in conversation.videos:
+            if source not in videos:
+                videos[source] = _inspect_video(source, video, processor)
+            facts = videos[source]
+            if isinstance(facts, Problem):
+                name = os.path.relpath(facts.file, root)
+                what = f"video {name}: {facts.what}"
+                found.append(replace(facts, file=data_file, record=record, what=what))
         if not found:
-            key = json.dumps([conversation.messages, digests], sort_keys=True)
-            first = first_places.setdefault(hashlib.sha256(key.encode()).hexdigest(), conversation.source)
-            if first != conversation.source:
-                found.append(
-                    Problem(
-                        data_file,
-                        "duplicate-sample",
-                        f"same conversation and images as {first}",
-                        "remove the copy (duplicates train twice as often)",
-                        record,
-                    )
-                )
+            duplicates.note(conversation, digests)
         problems.extend(found)
         if not found:
             usable += 1
             images_per_sample.append(len(conversation.images))
             text_words.append(_text_words(conversation.messages))
             if processor is not None:
-                lengths.append(token_length(processor, conversation))
+                # One length per training sample: a template that rewrites earlier turns (Qwen3
+                # Thinking) trains a conversation as one sample per reply.
+                samples = TrainingSamples.build(processor, [conversation], "keep")
+                lengths.extend(token_length(processor, sample, video) for sample in samples)
 
     sizes = [(facts.width, facts.height) for facts in images.values() if isinstance(facts, _ImageFacts)]
     stats: dict = {
@@ -201,13 +251,63 @@ def check_qwenvl_dataset(
         "min_pixels": min_pixels,
         "max_pixels": max_pixels,
     }
+    sampled = [facts for facts in videos.values() if not isinstance(facts, Problem)]
+    if videos:
+        stats["videos"] = len(sampled)
+        stats["video_frames"] = _spread([frames for frames, _ in sampled])
+        stats["video_tokens"] = _spread([tokens for _, tokens in sampled if tokens is not None])
     histogram = ""
     if lengths:
         stats["tokens"] = _spread(lengths)
         stats["max_length"] = max_length
         stats["over_max_length"] = sum(length > max_length for length in lengths)
         histogram = token_length_histogram(lengths, max_length)
-    return DataReport("qwenvl", str(path), usable, _in_file_order(problems), stats, histogram)
+    return DataReport(
+        "qwenvl",
+        str(path),
+        usable,
+        _in_file_order(problems),
+        stats,
+        histogram,
+        _in_file_order(duplicates.warnings),
+    )
+
+
+class DuplicateConversations:
+    """Warnings for conversations that repeat an earlier one: the same messages and image contents."""
+
+    def __init__(self) -> None:
+        # Keyed by a digest, not the text: a large dataset's check must not hold every conversation.
+        self.first_places: dict[str, str] = {}
+        self.warnings: list[Problem] = []
+
+    def note(self, conversation: Conversation, image_digests: Sequence[str]) -> None:
+        videos = [str(video) for video in conversation.videos]
+        key = json.dumps([conversation.messages, list(image_digests), videos], sort_keys=True)
+        first = self.first_places.setdefault(hashlib.sha256(key.encode()).hexdigest(), conversation.source)
+        if first != conversation.source:
+            data_file, record = _split_source(conversation.source)
+            self.warnings.append(
+                Problem(
+                    data_file,
+                    "duplicate-sample",
+                    f"same conversation and images as {first}",
+                    "it trains twice as often; remove the copy unless that is intended",
+                    record,
+                )
+            )
+
+
+def duplicate_conversations(conversations: Iterable[Conversation]) -> list[Problem]:
+    """`duplicate-sample` warnings for a dataset whose images were already checked (training's gate)."""
+    duplicates = DuplicateConversations()
+    digests: dict[Path, str] = {}
+    for conversation in conversations:
+        for image in conversation.images:
+            if image not in digests:
+                digests[image] = hashlib.sha256(image.read_bytes()).hexdigest()
+        duplicates.note(conversation, [digests[image] for image in conversation.images])
+    return duplicates.warnings
 
 
 def token_length_histogram(lengths: Sequence[int], max_length: int) -> str:
@@ -233,6 +333,19 @@ class _ImageFacts:
     width: int
     height: int
     digest: str
+
+
+def _inspect_video(
+    source: VideoSource, sampling: VideoSampling, processor: Any
+) -> tuple[int, int | None] | Problem:
+    """(frames sampled, tokens with `processor` or None) of a video, or what is wrong with it."""
+    temporal_patch = processor.video_processor.temporal_patch_size if processor is not None else 2
+    problem = video_problem(source, sampling, temporal_patch)
+    if problem is not None:
+        return problem
+    plan = plan_frames(probe_video(source, sampling.fps), sampling, temporal_patch)
+    tokens = video_tokens(processor, plan)[0] if processor is not None else None
+    return len(plan.indices), tokens
 
 
 def _inspect(image: Path, max_pixels: int, min_side: int) -> _ImageFacts | Problem:
@@ -268,6 +381,11 @@ def _upright_size(image: Path | bytes) -> tuple[int, int]:
         if opened.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
             return height, width
     return width, height
+
+
+def _counts(problems: Iterable[Problem]) -> dict[str, int]:
+    counts = Counter(problem.kind for problem in problems)
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def _in_file_order(problems: Iterable[Problem]) -> list[Problem]:

@@ -10,10 +10,14 @@ Two record formats are accepted, one record per JSONL line or per element of a J
   of parts: `{"type": "text", "text": "..."}` and `{"type": "image"}` (takes the next entry of
   `images`) or `{"type": "image", "image": "a.png"}` (an inline path; `"path"` works as the key too).
 
+  Videos work the same way: `<video>` (or `{"type": "video"}`) takes the next entry of a `videos` list,
+  `{"type": "video", "video": "clip.mp4"}` is inline. A video is a video file, a folder of frame images
+  or a list of frame image paths (see tuner.data.video). Images and videos may mix.
+
 * **conversations** (LLaVA / ShareGPT)::
 
       {"conversations": [{"from": "human"|"gpt"|"system", "value": "<image>\\nWhat is this?"}, ...],
-       "image": "a.png"}            # or "images": ["a.png", ...]
+       "image": "a.png"}            # or "images": ["a.png", ...]; "videos": ["clip.mp4", ...]
 
   `"user"` and `"assistant"` are accepted as `from` values too; tool roles (`observation`,
   `function_call`) are not.
@@ -24,8 +28,8 @@ first, images may only appear outside assistant turns (their tokens would otherw
 text may not contain Qwen chat-template markers such as `<|im_end|>`, and the last turn must be the
 assistant's answer. Multi-turn, multi-image and text-only conversations are all fine.
 
-Image paths are relative to `image_root` (default: the folder of the data file). Absolute paths are
-accepted when they lie inside `image_root`. A path that leaves the root (`..`, an absolute path
+Image (and video) paths are relative to `image_root` (default: the folder of the data file). Absolute
+paths are accepted when they lie inside `image_root`. A path that leaves the root (`..`, an absolute path
 elsewhere, a symlink pointing outside) is refused, so a dataset cannot make training read arbitrary
 files.
 
@@ -34,23 +38,33 @@ the record is skipped; the caller decides whether to stop (see `tuner data check
 `malformed-line`, `missing-key`, `bad-type` (a key holds the wrong JSON type), `unknown-role`,
 `misplaced-system`, `empty-turn`, `image-in-answer`, `control-token`, `no-final-answer`,
 `image-count-mismatch`, `missing-image`, `unreadable-image` (only with `check_images`; PIL verify,
-no decoding) and `path-escape`.
+no decoding), `path-escape`, and for videos `video-in-answer`, `video-count-mismatch`, `missing-video`,
+and (only with `check_images`: the file is probed and its first frame decoded) `unreadable-video`,
+`empty-video` and `too-short-video`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import overload
+from typing import Literal, overload
 
+from tuner.data.grounding import BOX_PLACEHOLDER, Box, box_problem, parse_box, upright_size
+from tuner.data.images import DEFAULT_MAX_PIXELS, too_large_problem
 from tuner.data.problems import Problem
+from tuner.data.thinking import THINK_CLOSE, THINK_OPEN, canonical_reply, split_reasoning
+from tuner.data.video import VideoSampling, VideoSource, video_problem
 from tuner.errors import DataError
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+MEDIA_KINDS = ("image", "video")
 DATA_SUFFIXES = (".json", ".jsonl")
 CHAT_ROLES = ("system", "user", "assistant")
 # Qwen chat-template markers: written inside a turn they would be read as real turn or image boundaries.
@@ -75,11 +89,17 @@ SHAREGPT_ROLES = {
 
 @dataclass(frozen=True)
 class Conversation:
-    """One training sample: chat messages with list content and the images they point at."""
+    """One training sample: chat messages with list content and the images and videos they point at."""
 
     messages: list[dict]
     images: list[Path]
     source: str
+    # Grounding boxes, one per `<box>` in the text, in order (see tuner.data.grounding).
+    boxes: tuple[Box, ...] = ()
+    # "last": only the final reply is supervised (one sample per reply, see tuner.data.thinking).
+    supervised_replies: Literal["all", "last"] = "all"
+    # One per `{"type": "video"}` part, in order: a file, a folder of frames or a tuple of frame paths.
+    videos: tuple[VideoSource, ...] = ()
 
 
 class ConversationRecords(Sequence[Conversation]):
@@ -157,9 +177,15 @@ class ConversationScan:
 
 
 def load_conversations(
-    path: str | Path, image_root: str | Path | None = None, check_images: bool = True
+    path: str | Path,
+    image_root: str | Path | None = None,
+    check_images: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> ConversationScan:
     """Scan every record under `path` (a .json/.jsonl file, or a folder of them, in name order).
+
+    `check_images` also opens every image, refusing unreadable ones and those with more than
+    `max_image_pixels` pixels (`data.max_image_pixels`, the decompression-bomb limit).
 
     Raises DataError when `path` does not exist or holds no records at all (nothing parsed and
     nothing wrong to report); otherwise bad records come back as problems. The conversations come
@@ -187,7 +213,9 @@ def load_conversations(
             if problem is not None:
                 scan.problems.append(problem)
                 continue
-            parser = _RecordParser(data_file, record_number, source.image_root, check_images, image_checks)
+            parser = _RecordParser(
+                data_file, record_number, source.image_root, check_images, image_checks, max_image_pixels
+            )
             conversation = parser.parse(record)
             scan.problems.extend(parser.problems)
             if conversation is not None:
@@ -266,12 +294,14 @@ class _RecordParser:
         image_root: Path,
         check_images: bool,
         image_checks: dict[Path, Problem | None],
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.data_file = data_file
         self.record_number = record_number
         self.image_root = image_root
         self.check_images = check_images
         self.image_checks = image_checks
+        self.max_image_pixels = max_image_pixels
         self.problems: list[Problem] = []
 
     def report(self, kind: str, what: str, fix: str) -> None:
@@ -297,6 +327,7 @@ class _RecordParser:
             )
             return None
         listed_images = self._listed_images(record)
+        listed_videos = self._listed_videos(record)
         system = record.get("system")
         if system is not None and not isinstance(system, str):
             self.report("bad-type", '"system" is not a string', "write the system prompt as a string")
@@ -305,13 +336,23 @@ class _RecordParser:
         if isinstance(system, str) and system.strip() and (not turns or turns[0]["role"] != "system"):
             turns.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
         self._check_turn_order(turns)
+        self._normalise_reasoning(turns)
         # Images are checked even when the turn order is wrong, so one pass reports both.
-        image_paths = self._assign_images(turns, listed_images) or []
+        image_paths = self._assign_media(turns, listed_images, "image") or []
         images = [self._checked_image(image) for image in image_paths]
+        video_sources = self._assign_media(turns, listed_videos, "video") or []
+        videos = [self._checked_video(video) for video in video_sources]
+        boxes = self._boxes(record.get("boxes", []), turns, images)
         if self.problems:
             return None
         messages = [{"role": turn["role"], "content": turn["content"]} for turn in turns]
-        return Conversation(messages=messages, images=images, source=f"{self.data_file}:{self.record_number}")
+        return Conversation(
+            messages=messages,
+            images=images,
+            source=f"{self.data_file}:{self.record_number}",
+            boxes=tuple(boxes),
+            videos=tuple(videos),
+        )
 
     def _messages_turns(self, messages: object) -> list[dict] | None:
         if not isinstance(messages, list):
@@ -338,7 +379,8 @@ class _RecordParser:
                 continue
             content = self._content_parts(message["content"], f"message {number}")
             if content is not None:
-                turns.append({"role": role, "content": content, "number": number})
+                reasoning = message.get("reasoning_content", message.get("reasoning"))
+                turns.append({"role": role, "content": content, "number": number, "reasoning": reasoning})
         return turns
 
     def _sharegpt_turns(self, conversations: object) -> list[dict] | None:
@@ -371,7 +413,9 @@ class _RecordParser:
                     "bad-type", f'turn {number} has a non-string "value"', "write the turn as a string"
                 )
                 continue
-            turns.append({"role": role, "content": _split_placeholders(turn["value"]), "number": number})
+            content = _split_placeholders(turn["value"])
+            reasoning = turn.get("reasoning_content", turn.get("reasoning"))
+            turns.append({"role": role, "content": content, "number": number, "reasoning": reasoning})
         return turns
 
     def _content_parts(self, content: object, where: str) -> list[dict] | None:
@@ -389,16 +433,17 @@ class _RecordParser:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image":
-                inline = part.get("image", part.get("path"))
-                if inline is not None and not isinstance(inline, str):
+            elif kind in MEDIA_KINDS:
+                inline = part.get(kind, part.get("path"))
+                if inline is not None and not _is_media_path(inline, kind):
                     self.report(
                         "bad-type",
-                        f"{where} has an image part whose path is not a string",
-                        'write inline images as {"type": "image", "image": "relative/path.png"}',
+                        f"{where} has an {kind} part whose path is not a string"
+                        + (" or a list of frame paths" if kind == "video" else ""),
+                        f'write inline {kind}s as {{"type": "{kind}", "{kind}": "relative/path"}}',
                     )
                     return None
-                parts.append({"type": "image", "path": inline} if inline else {"type": "image"})
+                parts.append({"type": kind, "path": inline} if inline else {"type": kind})
             elif kind == "text":
                 self.report(
                     "missing-key",
@@ -409,8 +454,8 @@ class _RecordParser:
             else:
                 self.report(
                     "missing-key",
-                    f'{where} has a part without type "text" or "image"',
-                    'give every part "type": "text" or "type": "image" (videos are not supported)',
+                    f'{where} has a part without type "text", "image" or "video"',
+                    'give every part "type": "text", "image" or "video"',
                 )
                 return None
         return parts
@@ -428,6 +473,19 @@ class _RecordParser:
             return None
         return listed
 
+    def _listed_videos(self, record: dict) -> list[str | list[str]] | None:
+        listed = record.get("videos", record.get("video", []))
+        if isinstance(listed, str):
+            listed = [listed]
+        if not isinstance(listed, list) or not all(_is_media_path(item, "video") for item in listed):
+            self.report(
+                "bad-type",
+                '"videos" is not a list of paths',
+                'write "videos" as a list of video files, frame folders or lists of frame paths',
+            )
+            return None
+        return listed
+
     def _check_turn_order(self, turns: list[dict]) -> None:
         for index, turn in enumerate(turns):
             label = f"{'message' if 'number' in turn else 'turn'} {turn.get('number', index + 1)}"
@@ -439,7 +497,8 @@ class _RecordParser:
                 )
             text = "".join(part["text"] for part in turn["content"] if part["type"] == "text")
             has_image = any(part["type"] == "image" for part in turn["content"])
-            if not text.strip() and not has_image:
+            has_video = any(part["type"] == "video" for part in turn["content"])
+            if not text.strip() and not has_image and not has_video:
                 self.report(
                     "empty-turn", f"{label} ({turn['role']}) is empty", "remove the turn or give it text"
                 )
@@ -455,6 +514,12 @@ class _RecordParser:
                     f"{label} is an assistant turn holding an image",
                     "move the image into the user turn before it",
                 )
+            if turn["role"] == "assistant" and has_video:
+                self.report(
+                    "video-in-answer",
+                    f"{label} is an assistant turn holding a video",
+                    "move the video into the user turn before it",
+                )
         if not turns or turns[-1]["role"] != "assistant":
             self.report(
                 "no-final-answer",
@@ -462,19 +527,143 @@ class _RecordParser:
                 "end every conversation with the answer the model should learn",
             )
 
-    def _assign_images(self, turns: list[dict], listed_images: list[str]) -> list[str] | None:
-        """Give each image placeholder its path, in order; inline paths don't use up `images`."""
-        placeholders = [part for turn in turns for part in turn["content"] if part["type"] == "image"]
-        without_path = sum(1 for part in placeholders if "path" not in part)
-        if without_path != len(listed_images):
+    def _normalise_reasoning(self, turns: list[dict]) -> None:
+        """Put each reply's reasoning (a `reasoning_content`/`reasoning` field or an opening `<think>`
+        block) into the canonical `<think>` form of tuner.data.thinking."""
+        for index, turn in enumerate(turns):
+            label = f"message {turn.get('number', index + 1)}"
+            reasoning = turn.get("reasoning")
+            if turn["role"] != "assistant":
+                if reasoning is not None:
+                    self.report(
+                        "misplaced-reasoning",
+                        f"{label} ({turn['role']}) carries reasoning",
+                        "only assistant replies carry reasoning_content",
+                    )
+                continue
+            if reasoning is not None and not isinstance(reasoning, str):
+                self.report("bad-type", f"{label} has a non-string reasoning", "write reasoning as a string")
+                continue
+            if any(part["type"] != "text" for part in turn["content"]):
+                continue  # image-in-answer, reported by the turn-order check
+            text = "".join(part["text"] for part in turn["content"])
+            fix = "open the reply with one <think>...</think> block, or use a reasoning_content field"
+            try:
+                inline, answer = split_reasoning(text)
+            except ValueError as error:
+                self.report("bad-reasoning", f"{label}: {error}", fix)
+                continue
+            if inline is not None and reasoning is not None:
+                self.report("bad-reasoning", f"{label} has both a <think> block and a reasoning field", fix)
+                continue
+            if inline is None and reasoning is None:
+                continue
+            if THINK_CLOSE in answer or THINK_OPEN in answer:
+                self.report("bad-reasoning", f"{label} has a <think> block after the reasoning", fix)
+                continue
+            reasoning = inline if inline is not None else reasoning
+            turn["content"] = [{"type": "text", "text": canonical_reply(reasoning, answer)}]
+
+    def _boxes(self, entries: object, turns: list[dict], images: list[Path]) -> list[Box]:
+        """The record's grounding boxes, checked against the `<box>` placeholders and the images."""
+        if not isinstance(entries, list):
             self.report(
-                "image-count-mismatch",
-                f"{without_path} image placeholder(s) but {len(listed_images)} listed image(s)",
-                f'put one {IMAGE_PLACEHOLDER} (or {{"type": "image"}}) per listed image, in order',
+                "bad-type", '"boxes" is not a list', 'write "boxes" as a list of {bbox, label, image}'
+            )
+            return []
+        placeholders = sum(
+            part["text"].count(BOX_PLACEHOLDER)
+            for turn in turns
+            for part in turn["content"]
+            if part["type"] == "text"
+        )
+        if placeholders != len(entries):
+            self.report(
+                "box-count-mismatch",
+                f"{placeholders} {BOX_PLACEHOLDER} placeholder(s) but {len(entries)} listed box(es)",
+                f"put one {BOX_PLACEHOLDER} in the text per entry of boxes, in order",
+            )
+            return []
+        boxes = []
+        for number, entry in enumerate(entries, start=1):
+            box = parse_box(entry)
+            if isinstance(box, str):
+                self.report(
+                    "bad-box", f"box {number} {box}", 'write {"bbox": [x1, y1, x2, y2], "label": "..."}'
+                )
+                continue
+            if box.image >= len(images):
+                self.report(
+                    "bad-box",
+                    f"box {number} refers to image {box.image} but the record has {len(images)} image(s)",
+                    '"image" is the 0-based index of the image the box lies on',
+                )
+                continue
+            # A missing or unreadable image is reported by the image checks.
+            size = upright_size(images[box.image]) if images[box.image].is_file() else None
+            problem = box_problem(box, *size) if size is not None else None
+            if problem is not None:
+                self.report(
+                    "bad-box",
+                    f"box {number}: {problem}",
+                    "give bbox in pixels of the original image (EXIF rotation applied), x1 < x2, y1 < y2",
+                )
+                continue
+            boxes.append(box)
+        return boxes
+
+    def _assign_media(self, turns: list[dict], listed: list | None, kind: str) -> list | None:
+        """Give each image (or video) placeholder its path, in order; inline paths don't use up the
+        record's `images` (`videos`)."""
+        if listed is None:
+            return None
+        placeholders = [part for turn in turns for part in turn["content"] if part["type"] == kind]
+        without_path = sum(1 for part in placeholders if "path" not in part)
+        if without_path != len(listed):
+            self.report(
+                f"{kind}-count-mismatch",
+                f"{without_path} {kind} placeholder(s) but {len(listed)} listed {kind}(s)",
+                f'put one <{kind}> (or {{"type": "{kind}"}}) per listed {kind}, in order',
             )
             return None
-        remaining = iter(listed_images)
+        remaining = iter(listed)
         return [part.pop("path") if "path" in part else next(remaining) for part in placeholders]
+
+    def _checked_video(self, entry: str | list[str]) -> VideoSource:
+        """A video file or frame folder (a path), or a frame list (a tuple of paths), checked like images."""
+        before = len(self.problems)
+        relatives = [entry] if isinstance(entry, str) else entry
+        paths = [self._inside_root(relative, "video") for relative in relatives]
+        source: VideoSource = paths[0] if isinstance(entry, str) else tuple(paths)
+        if len(self.problems) > before:
+            return source
+        missing = next((path for path in paths if not path.exists()), None)
+        if missing is not None:
+            self.report(
+                "missing-video",
+                f"video {os.path.relpath(missing, self.image_root)!r} not found at {missing}",
+                "fix the path or set data.image_root to the folder the paths are relative to",
+            )
+        elif self.check_images:
+            problem = video_problem(source, VideoSampling())
+            if problem is not None:
+                name = os.path.relpath(problem.file, self.image_root)
+                where = {"file": str(self.data_file), "record": self.record_number}
+                self.problems.append(replace(problem, **where, what=f"video {name!r}: {problem.what}"))
+        return source
+
+    def _inside_root(self, relative: str, kind: str) -> Path:
+        """`relative` under the image root; reports a path that leaves it (also through a link)."""
+        path = Path(os.path.normpath(self.image_root / relative))
+        if not path.is_relative_to(self.image_root) or (
+            path.exists() and not path.resolve().is_relative_to(self.image_root.resolve())
+        ):
+            self.report(
+                "path-escape",
+                f"{kind} {relative!r} lies outside the image root {self.image_root}",
+                "keep images and videos under data.image_root (relative paths without `..`)",
+            )
+        return path
 
     def _checked_image(self, relative: str) -> Path:
         # Lexical normalisation first: `..` must not walk out of the root even through a missing folder.
@@ -517,6 +706,9 @@ class _RecordParser:
         if self.check_images:
             from PIL import Image
 
+            too_large = too_large_problem(image, self.max_image_pixels)
+            if too_large is not None:
+                return problem(too_large.kind, f"image {relative!r}: {too_large.what}", too_large.fix)
             try:
                 with Image.open(image) as opened:
                     opened.verify()
@@ -532,11 +724,23 @@ class _RecordParser:
 
 
 def _split_placeholders(text: str) -> list[dict]:
-    """`"<image>\\nWhat?"` -> `[{"type": "image"}, {"type": "text", "text": "\\nWhat?"}]`, text kept as is."""
+    """`"<image>\\nWhat?"` -> `[{"type": "image"}, {"type": "text", "text": "\\nWhat?"}]`, text kept as is;
+    `<video>` likewise becomes `{"type": "video"}`."""
     parts: list[dict] = []
-    for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if index > 0:
+    for piece in _PLACEHOLDERS.split(text):
+        if piece == IMAGE_PLACEHOLDER:
             parts.append({"type": "image"})
-        if piece:
+        elif piece == VIDEO_PLACEHOLDER:
+            parts.append({"type": "video"})
+        elif piece:
             parts.append({"type": "text", "text": piece})
     return parts
+
+
+def _is_media_path(value: object, kind: str) -> bool:
+    """A path string, or for a video also a non-empty list of frame path strings."""
+    if isinstance(value, str):
+        return True
+    return (
+        kind == "video" and isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+    )

@@ -6,6 +6,7 @@ reports), so training and checking describe a bad file with the same words.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections.abc import Callable
@@ -75,6 +76,21 @@ def inspect_image(path: Path, max_pixels: int, min_side: int = 0) -> Problem | N
 def inspect_image_bytes(data: bytes, name: str, max_pixels: int, min_side: int = 0) -> Problem | None:
     """`inspect_image` for encoded bytes stored inside a dataset."""
     return _inspect(lambda: decode_image_rgb(data, name, max_pixels=max_pixels), name, min_side)
+
+
+def too_large_problem(path: Path, max_pixels: int) -> Problem | None:
+    """The `too-large` problem of an image whose header claims more than `max_pixels`, or None.
+
+    Reads the header only; the caller still decodes (or verifies) the image with Pillow, which this
+    lets open any image up to `max_pixels` (`data.max_image_pixels` decides, not Pillow's default)."""
+    _let_pillow_open(max_pixels)
+    try:
+        _refuse_too_large(_header_size(functools.partial(Path(path).open, "rb")), str(path), max_pixels)
+    except UnusableImage as error:
+        return error.problem
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return None  # not an image Pillow can open: the caller's decode reports it
+    return None
 
 
 def _inspect(load: Callable[[], Image.Image], name: str, min_side: int) -> Problem | None:

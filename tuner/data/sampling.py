@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Hashable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -13,6 +13,35 @@ import torch
 from tuner.errors import ConfigError
 
 T = TypeVar("T")
+
+
+class SampleKey(int):
+    """A sample index that carries the epoch it is drawn in, from the batch sampler into the dataset.
+
+    Every random draw of a sample (flip, caption dropout and shuffle, noise, timestep) is seeded from
+    (seed, epoch, index), and the epoch must travel with the index: a data-loader worker keeps the
+    dataset copy it was started with, so an epoch set on the main process's dataset never reaches it.
+    An `int` subclass, so a dataset that draws nothing at random indexes with it as with any int.
+    """
+
+    epoch: int
+
+    def __new__(cls, index: int, epoch: int) -> SampleKey:
+        key = super().__new__(cls, index)
+        key.epoch = epoch
+        return key
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keys are pickled into the worker processes; the default int pickling would drop the epoch.
+        return SampleKey, (int(self), self.epoch)
+
+    def __repr__(self) -> str:
+        return f"SampleKey(index={int(self)}, epoch={self.epoch})"
+
+
+def epoch_of(key: int) -> int:
+    """The epoch a `SampleKey` was drawn in; 0 for a plain index (validation, a dataset read directly)."""
+    return getattr(key, "epoch", 0)
 
 
 class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -46,6 +75,12 @@ class GroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def keyed(self) -> Iterator[list[SampleKey]]:
+        """This epoch's batches, each index a `SampleKey` of the epoch (what the training loop loads)."""
+        epoch = self.epoch
+        for batch in self:
+            yield [SampleKey(index, epoch) for index in batch]
 
     def __iter__(self) -> Iterator[list[int]]:
         # A SeedSequence over (seed, epoch) keeps (0, 1) and (1, 0) apart, unlike seed + epoch.

@@ -13,9 +13,18 @@ never predicted at inference. Everything else (system, user turns, images, the
 The reply spans come from the template, not from searching the text for the reply: the template is
 rendered for `messages[:i]` and `messages[:i + 1]`, the i-th assistant message's span is what the
 second rendering added, minus the assistant header (what `add_generation_prompt=True` appends).
-This needs each rendering to be a prefix of the next one; a template that rewrites earlier turns
-(Qwen3 "thinking" templates drop the `<think>` blocks of past turns) breaks that and is refused
-with an error rather than trained with shifted masks.
+This needs each rendering to be a prefix of the next one. A template that rewrites earlier turns
+(Qwen3 Thinking templates drop the `<think>` blocks of past turns) breaks that: such conversations are
+split into one sample per reply beforehand (`tuner.data.thinking.TrainingSamples`), and a sample whose
+`supervised_replies` is "last" supervises its final reply alone, located the same way.
+
+**Videos.** Frames are sampled and decoded by tuner.data.video and handed to the processor with their
+metadata, so the processor makes the pixels, the grid, the placeholder expansion (Qwen3-VL: with
+`<t seconds>` frame timestamps) and Qwen2.5-VL's `second_per_grid_ts`, as at inference. A video's
+tokens are never cut: truncation stops before the whole `<|vision_start|>...<|vision_end|>` block.
+
+**Boxes.** `<box>` placeholders become the record's grounding boxes in the family's convention
+(`tuner.data.grounding.write_boxes`) before anything is rendered.
 """
 
 from __future__ import annotations
@@ -29,7 +38,17 @@ import torch
 from PIL import Image
 
 from tuner.data.conversations import Conversation
+from tuner.data.grounding import write_boxes
 from tuner.data.images import DEFAULT_MAX_PIXELS, load_image_rgb
+from tuner.data.video import (
+    PASS_THROUGH_SIZE,
+    VideoSampling,
+    decode_frames,
+    plan_frames,
+    probe_video,
+    resized_frames,
+    video_tokens,
+)
 from tuner.errors import ConfigError, DataError, ModelError
 
 IGNORE_INDEX = -100
@@ -44,6 +63,7 @@ _HEADER_PROBE = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
 # position ids and removes them before the batch reaches the model.
 SAMPLE_LENGTHS = "sample_lengths"
 SAMPLE_IMAGE_COUNTS = "sample_image_counts"
+SAMPLE_VIDEO_COUNTS = "sample_video_counts"
 
 
 @dataclass
@@ -55,8 +75,13 @@ class EncodedSample:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     source: str
-    # 1 on image tokens: transformers 5.23's Qwen-VL models need it to place images in M-RoPE.
+    # 1 on image tokens, 2 on video tokens: transformers 5.23's Qwen-VL models need it to place images
+    # and videos in M-RoPE.
     mm_token_type_ids: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    # Qwen2.5-VL: seconds per temporal patch of each video (its absolute-time M-RoPE); None otherwise.
+    second_per_grid_ts: torch.Tensor | None = None
 
 
 def set_pixel_bounds(processor, min_pixels: int, max_pixels: int) -> None:
@@ -90,24 +115,28 @@ def encode_conversation(
     *,
     background: tuple[int, int, int] = (255, 255, 255),
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    video: VideoSampling | None = None,
 ) -> EncodedSample | None:
     """Tokens, labels and pixels of `conversation`; None when it is too long and cannot be used.
 
     Longer than `max_length` tokens: `drop` returns None; `truncate` cuts at `max_length`, moving the
-    cut back to before an image whose tokens it would split (that image's pixels go too), and returns
+    cut back to before an image or video whose tokens it would split (its pixels go too), and returns
     None when no supervised token is left. `background` fills transparent pixels; images with more
-    than `max_image_pixels` pixels are refused (`data.background`, `data.max_image_pixels`).
+    than `max_image_pixels` pixels are refused (`data.background`, `data.max_image_pixels`). `video`:
+    how videos become frames (default: VideoSampling() with the processor's per-frame bounds).
     """
     if overlength not in ("drop", "truncate"):
         raise ConfigError(
             f"data.overlength={overlength!r} is not 'drop' or 'truncate'",
             hint="set data.overlength to drop (skip long samples) or truncate",
         )
+    conversation = write_boxes(processor, conversation)
     text, reply_spans = render_with_reply_spans(processor, conversation)
     images = [load_image_rgb(path, background, max_image_pixels) for path in conversation.images]
     encoded = processor(
         text=[text],
         images=images or None,
+        **video_inputs(processor, conversation.videos, video),
         return_offsets_mapping=True,
         return_text_replacement_offsets=True,
     )
@@ -118,6 +147,8 @@ def encode_conversation(
     mm_token_type_ids = encoded.get("mm_token_type_ids")
     if mm_token_type_ids is not None:
         mm_token_type_ids = torch.tensor(mm_token_type_ids[0], dtype=torch.long)
+    videos = bool(conversation.videos)
+    second_per_grid_ts = encoded.get("second_per_grid_ts")
     sample = EncodedSample(
         input_ids=input_ids,
         labels=labels,
@@ -125,12 +156,40 @@ def encode_conversation(
         image_grid_thw=torch.as_tensor(encoded["image_grid_thw"], dtype=torch.long) if images else None,
         source=conversation.source,
         mm_token_type_ids=mm_token_type_ids,
+        pixel_values_videos=torch.as_tensor(encoded["pixel_values_videos"]) if videos else None,
+        video_grid_thw=torch.as_tensor(encoded["video_grid_thw"], dtype=torch.long) if videos else None,
+        second_per_grid_ts=None
+        if second_per_grid_ts is None
+        else torch.as_tensor(second_per_grid_ts, dtype=torch.float),
     )
     if max_length is None or len(input_ids) <= max_length:
         return sample
     if overlength == "drop":
         return None
     return _truncated(processor, sample, max_length)
+
+
+def video_inputs(processor, videos: tuple, sampling: VideoSampling | None = None) -> dict:
+    """The processor-call arguments for `videos` (none without videos): the sampled frames, each already
+    resized by the processor's own rule to its video's bounds, with the metadata the timing comes from."""
+    if not videos:
+        return {}
+    video_processor = processor.video_processor
+    frames, metadata = [], []
+    for source in videos:
+        plan = video_plan(processor, source, sampling)
+        frames.append(resized_frames(video_processor, decode_frames(source, plan), plan))
+        metadata.append(plan.metadata())
+    return {
+        "videos": frames,
+        "videos_kwargs": {
+            "video_metadata": metadata,
+            "do_sample_frames": False,
+            "size": PASS_THROUGH_SIZE,
+            # The pixel budget is tuner's (data.video_max_pixels), applied in `resized_frames`.
+            "cap_pixels_per_frame": False,
+        },
+    }
 
 
 def render_with_reply_spans(processor, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
@@ -144,6 +203,16 @@ def render_with_reply_spans(processor, conversation: Conversation) -> tuple[str,
             "the processor's chat template has no assistant header for add_generation_prompt=True",
             hint="use the model's original chat template (chat_template.jinja in its folder)",
         )
+    if conversation.supervised_replies == "last":
+        before = processor.apply_chat_template(messages[:-1], tokenize=False) if len(messages) > 1 else ""
+        rendered = processor.apply_chat_template(messages, tokenize=False)
+        if messages[-1]["role"] != "assistant" or not rendered.startswith(before):
+            raise ModelError(
+                f"{conversation.source}: the chat template renders the turns before the last reply "
+                "differently once the reply follows them",
+                hint="use the model's original chat template",
+            )
+        return rendered, [_reply_span(before, rendered, header, conversation.source, len(messages))]
     rendered = ""
     reply_spans = []
     for count in range(1, len(messages) + 1):
@@ -152,8 +221,8 @@ def render_with_reply_spans(processor, conversation: Conversation) -> tuple[str,
             raise ModelError(
                 f"{conversation.source}: the chat template renders message {count - 1} differently once "
                 f"message {count} follows it, so the answer tokens cannot be located",
-                hint="templates that rewrite earlier turns (such as dropping past <think> blocks) cannot be "
-                "trained on; use the model's instruct template or remove those blocks from the data",
+                hint="split such conversations into one sample per reply first "
+                "(tuner.data.thinking.TrainingSamples does this for training)",
             )
         if messages[count - 1]["role"] == "assistant":
             reply_spans.append(_reply_span(rendered, longer, header, conversation.source, count))
@@ -200,24 +269,27 @@ def _labels(
 
 
 def _truncated(processor, sample: EncodedSample, max_length: int) -> EncodedSample | None:
-    tokenizer = processor.tokenizer
-    starts = (sample.input_ids == tokenizer.convert_tokens_to_ids(VISION_START)).nonzero().flatten().tolist()
-    ends = (sample.input_ids == tokenizer.convert_tokens_to_ids(VISION_END)).nonzero().flatten().tolist()
     cut = max_length
-    kept_images = 0
-    for start, end in zip(starts, ends, strict=True):
+    kept = {"image": 0, "video": 0}
+    for start, end, kind in _vision_blocks(processor, sample.input_ids):
         if end < cut:
-            kept_images += 1
+            kept[kind] += 1
         else:
             cut = min(cut, start)
             break
     labels = sample.labels[:cut]
     if not (labels != IGNORE_INDEX).any():
         return None
-    pixel_values = image_grid_thw = None
-    if kept_images:
-        image_grid_thw = sample.image_grid_thw[:kept_images]
+    pixel_values = image_grid_thw = pixel_values_videos = video_grid_thw = None
+    if kept["image"]:
+        image_grid_thw = sample.image_grid_thw[: kept["image"]]
         pixel_values = sample.pixel_values[: int(image_grid_thw.prod(dim=1).sum())]
+    if kept["video"]:
+        video_grid_thw = sample.video_grid_thw[: kept["video"]]
+        pixel_values_videos = sample.pixel_values_videos[: int(video_grid_thw.prod(dim=1).sum())]
+    second_per_grid_ts = sample.second_per_grid_ts
+    if second_per_grid_ts is not None:
+        second_per_grid_ts = second_per_grid_ts[: kept["video"]] if kept["video"] else None
     return EncodedSample(
         input_ids=sample.input_ids[:cut],
         labels=labels,
@@ -225,7 +297,37 @@ def _truncated(processor, sample: EncodedSample, max_length: int) -> EncodedSamp
         image_grid_thw=image_grid_thw,
         source=sample.source,
         mm_token_type_ids=None if sample.mm_token_type_ids is None else sample.mm_token_type_ids[:cut],
+        pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts,
     )
+
+
+def _vision_blocks(processor, input_ids: torch.Tensor) -> list[tuple[int, int, str]]:
+    """`(start, end, "image" | "video")` token positions of each image's and video's outermost
+    `<|vision_start|>`...`<|vision_end|>`, in order. Qwen3-VL nests one such pair per video frame inside
+    the video's own, so pairs are matched by depth."""
+    tokenizer = processor.tokenizer
+    start_id, end_id = (
+        tokenizer.convert_tokens_to_ids(VISION_START),
+        tokenizer.convert_tokens_to_ids(VISION_END),
+    )
+    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    blocks = []
+    depth = opened = 0
+    is_video = False
+    for position, token in enumerate(input_ids.tolist()):
+        if token == start_id:
+            if depth == 0:
+                opened, is_video = position, False
+            depth += 1
+        elif token == end_id and depth:
+            depth -= 1
+            if depth == 0:
+                blocks.append((opened, position, "video" if is_video else "image"))
+        elif token == video_id:
+            is_video = True
+    return blocks
 
 
 def collate_vl(
@@ -253,7 +355,7 @@ def collate_vl(
     }
     if any(s.mm_token_type_ids is not None for s in samples):
         batch["mm_token_type_ids"] = padded([_token_types(s) for s in samples], 0)
-    return batch | _images_of(samples)
+    return batch | _media_of(samples)
 
 
 def collate_vl_packed(samples: list[EncodedSample]) -> dict[str, torch.Tensor | tuple[int, ...]]:
@@ -280,10 +382,11 @@ def collate_vl_packed(samples: list[EncodedSample]) -> dict[str, torch.Tensor | 
         # them costs no device synchronisation.
         SAMPLE_LENGTHS: tuple(len(s.input_ids) for s in samples),
         SAMPLE_IMAGE_COUNTS: tuple(0 if s.image_grid_thw is None else len(s.image_grid_thw) for s in samples),
+        SAMPLE_VIDEO_COUNTS: tuple(0 if s.video_grid_thw is None else len(s.video_grid_thw) for s in samples),
     }
     if any(s.mm_token_type_ids is not None for s in samples):
         batch["mm_token_type_ids"] = torch.cat([_token_types(s) for s in samples])[None]
-    return batch | _images_of(samples)
+    return batch | _media_of(samples)
 
 
 def _token_types(sample: EncodedSample) -> torch.Tensor:
@@ -293,15 +396,21 @@ def _token_types(sample: EncodedSample) -> torch.Tensor:
     return torch.zeros_like(sample.input_ids)
 
 
-def _images_of(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
-    """`pixel_values` and `image_grid_thw` of every image, in sample order; empty without images."""
+def _media_of(samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
+    """`pixel_values` and `image_grid_thw` of every image, `pixel_values_videos`, `video_grid_thw` (and
+    Qwen2.5-VL's `second_per_grid_ts`) of every video, in sample order; empty without any."""
+    media = {}
     with_images = [s for s in samples if s.pixel_values is not None]
-    if not with_images:
-        return {}
-    return {
-        "pixel_values": torch.cat([s.pixel_values for s in with_images]),
-        "image_grid_thw": torch.cat([s.image_grid_thw for s in with_images]),
-    }
+    if with_images:
+        media["pixel_values"] = torch.cat([s.pixel_values for s in with_images])
+        media["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_images])
+    with_videos = [s for s in samples if s.pixel_values_videos is not None]
+    if with_videos:
+        media["pixel_values_videos"] = torch.cat([s.pixel_values_videos for s in with_videos])
+        media["video_grid_thw"] = torch.cat([s.video_grid_thw for s in with_videos])
+        if any(s.second_per_grid_ts is not None for s in with_videos):
+            media["second_per_grid_ts"] = torch.cat([s.second_per_grid_ts for s in with_videos])
+    return media
 
 
 RopeIndex = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -317,30 +426,39 @@ def packed_model_inputs(batch: dict, rope_index: RopeIndex) -> dict:
     `use_cache` is off: transformers reads packing from the positions only when there is no KV cache, and
     with one it would let the samples attend to each other.
     """
-    inputs = {key: value for key, value in batch.items() if key not in (SAMPLE_LENGTHS, SAMPLE_IMAGE_COUNTS)}
+    records = (SAMPLE_LENGTHS, SAMPLE_IMAGE_COUNTS, SAMPLE_VIDEO_COUNTS)
+    inputs = {key: value for key, value in batch.items() if key not in records}
     input_ids = batch["input_ids"]
     token_types = batch.get("mm_token_type_ids")
     grids = batch.get("image_grid_thw")
+    video_grids = batch.get("video_grid_thw")
+    seconds = batch.get("second_per_grid_ts")
+    video_counts = batch.get(SAMPLE_VIDEO_COUNTS) or (0,) * len(batch[SAMPLE_LENGTHS])
     segments = []
-    start = first_image = 0
-    for length, images in zip(batch[SAMPLE_LENGTHS], batch[SAMPLE_IMAGE_COUNTS], strict=True):
+    start = first_image = first_video = 0
+    for length, images, videos in zip(
+        batch[SAMPLE_LENGTHS], batch[SAMPLE_IMAGE_COUNTS], video_counts, strict=True
+    ):
         end = start + length
         text_positions = torch.arange(length, device=input_ids.device).view(1, 1, -1)
-        if images:
+        if images or videos:
             if token_types is None:
                 raise ModelError(
-                    "a packed batch with images has no mm_token_type_ids to place them in M-RoPE",
+                    "a packed batch with images or videos has no mm_token_type_ids to place them in M-RoPE",
                     hint="set data.packing: false, or update transformers",
                 )
+            videos_of_sample = slice(first_video, first_video + videos)
             rope_positions, _ = rope_index(
                 input_ids[:, start:end],
                 mm_token_type_ids=token_types[:, start:end],
-                image_grid_thw=grids[first_image : first_image + images],
+                image_grid_thw=grids[first_image : first_image + images] if images else None,
+                video_grid_thw=video_grids[videos_of_sample] if videos else None,
+                second_per_grid_ts=seconds[videos_of_sample] if videos and seconds is not None else None,
             )
         else:
             rope_positions = text_positions.expand(3, 1, -1)
         segments.append(torch.cat([text_positions, rope_positions.to(text_positions.dtype)]))
-        start, first_image = end, first_image + images
+        start, first_image, first_video = end, first_image + images, first_video + videos
     inputs["position_ids"] = torch.cat(segments, dim=2)
     inputs["use_cache"] = False
     return inputs
@@ -353,12 +471,14 @@ def samples_in_batch(batch: dict) -> int:
     return batch["input_ids"].shape[0]
 
 
-def token_length(processor, conversation: Conversation) -> int:
-    """The exact number of tokens `encode_conversation` produces, without decoding any image.
+def token_length(processor, conversation: Conversation, video: VideoSampling | None = None) -> int:
+    """The exact number of tokens `encode_conversation` produces, without decoding any image or video.
 
     Image token counts come from the image size in the file header and the processor's own resize
-    rule (the current pixel bounds included).
+    rule (the current pixel bounds included); video token counts from the video's frame count, rate
+    and size (`video_tokens`).
     """
+    conversation = write_boxes(processor, conversation)
     text = processor.apply_chat_template(conversation.messages, tokenize=False)
     length = len(processor.tokenizer(text)["input_ids"])
     image_processor = processor.image_processor
@@ -367,7 +487,19 @@ def token_length(processor, conversation: Conversation) -> int:
         patches = image_processor.get_number_of_image_patches(height, width, {})
         # Each image is already one <|image_pad|> in the rendered text.
         length += patches // image_processor.merge_size**2 - 1
+    for source in conversation.videos:
+        _, expansion = video_tokens(processor, video_plan(processor, source, video))
+        length += len(processor.tokenizer(expansion, add_special_tokens=False)["input_ids"]) - 1
     return length
+
+
+def video_plan(processor, source, video: VideoSampling | None = None):
+    """The frames `encode_conversation` samples from `source` (a `tuner.data.video.FramePlan`)."""
+    video_processor = processor.video_processor
+    if video is None:
+        size = video_processor.size
+        video = VideoSampling(frame_min_pixels=size["shortest_edge"], frame_max_pixels=size["longest_edge"])
+    return plan_frames(probe_video(source, video.fps), video, video_processor.temporal_patch_size)
 
 
 def _upright_size(path) -> tuple[int, int]:

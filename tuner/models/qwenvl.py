@@ -4,7 +4,13 @@ Module layout in transformers 5.23 (the same for every family below):
 
 * language model: `model.language_model.layers.N.self_attn.{q,k,v,o}_proj` and
   `model.language_model.layers.N.mlp.{gate,up,down}_proj` (Qwen3-VL-MoE: attention only, plus the dense
-  MLP of any `mlp_only_layers`; its fused experts are not `nn.Linear` and are never adapted);
+  MLP of any `mlp_only_layers`);
+* Qwen3-VL-MoE experts and router: each sparse layer's `mlp.experts` holds every expert's weights as two
+  fused 3-D parameters, `gate_up_proj` (experts, 2 x moe_intermediate, hidden) and `down_proj` (experts,
+  hidden, moe_intermediate), and `mlp.gate` (the router) a 2-D `weight` (experts, hidden). None of them is
+  an `nn.Linear`, so the `experts` and `router` groups adapt *parameters* (PEFT's `target_parameters`,
+  one LoRA per expert), never modules. The router stays frozen unless `router` is asked for: a LoRA on
+  it changes which experts each token goes to;
 * vision tower: `model.visual.blocks.N.attn.{qkv,proj}` and the block MLP, whose names differ per
   family (Qwen2-VL `fc1/fc2`, Qwen2.5-VL `gate_proj/up_proj/down_proj`, Qwen3-VL `linear_fc1/linear_fc2`);
 * merger (vision -> text projection): `model.visual.merger.*`, and on Qwen3-VL also the DeepStack
@@ -46,9 +52,21 @@ SUPPORTED_MODEL_TYPES: dict[str, type[PreTrainedModel]] = {
     "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
 }
 
-LORA_TARGET_GROUPS = ("llm", "vision", "merger")
+LORA_TARGET_GROUPS = ("llm", "vision", "merger", "experts", "router")
+# Groups that adapt parameters rather than modules (PEFT `target_parameters`), per family that has them.
+_PARAMETER_GROUPS = ("experts", "router")
+_MOE_LAYER = r"model\.language_model\.layers\.\d+\.mlp"
+# group -> (the module holding the parameters, the parameter names), as regular expressions.
+_TARGET_PARAMETER_PATTERNS: dict[str, dict[str, tuple[str, str]]] = {
+    "qwen3_vl_moe": {
+        "experts": (rf"{_MOE_LAYER}\.experts", "gate_up_proj|down_proj"),
+        "router": (rf"{_MOE_LAYER}\.gate", "weight"),
+    },
+}
 # What an adapter folder holds besides PEFT's own files: who made it, from which base model.
 ADAPTER_METADATA_FILE = "tuner_adapter.json"
+# With train.ema_decay: the EMA weights as a second, complete adapter folder inside the output folder.
+EMA_ADAPTER_DIR = "ema"
 
 _LANGUAGE_MODEL = r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 _VISION_ATTENTION = r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)"
@@ -162,19 +180,13 @@ def load_qwenvl(
 
 
 def lora_target_modules(model: torch.nn.Module, family: str, targets: Sequence[str]) -> list[str]:
-    """Full names of the `nn.Linear` modules that LoRA adapts for `targets` (any of llm, vision, merger)."""
-    unknown = [target for target in targets if target not in LORA_TARGET_GROUPS]
-    if unknown or not targets:
-        raise ConfigError(
-            f"unknown Qwen-VL LoRA target {unknown[0]!r} in lora.targets"
-            if unknown
-            else "lora.targets is empty",
-            hint=f"use any of: {', '.join(LORA_TARGET_GROUPS)}",
-        )
-    if family not in _TARGET_PATTERNS:
-        raise ModelError(f"no LoRA targets known for model type {family!r}")
+    """Full names of the `nn.Linear` modules that LoRA adapts for `targets` (any of llm, vision, merger;
+    `experts` and `router` adapt parameters: see `lora_target_parameters`)."""
+    check_lora_targets(family, targets)
     names: list[str] = []
     for target in targets:
+        if target in _PARAMETER_GROUPS:
+            continue
         pattern = re.compile(_TARGET_PATTERNS[family][target])
         matched = [
             name
@@ -190,6 +202,47 @@ def lora_target_modules(model: torch.nn.Module, family: str, targets: Sequence[s
     return names
 
 
+def lora_target_parameters(model: torch.nn.Module, family: str, targets: Sequence[str]) -> list[str]:
+    """Full names of the parameters LoRA adapts for the `experts` and `router` groups in `targets`
+    (Qwen3-VL-MoE's fused expert weights and router weights); empty when neither is asked for."""
+    check_lora_targets(family, targets)
+    names: list[str] = []
+    for target in targets:
+        if target not in _PARAMETER_GROUPS:
+            continue
+        module, parameters = _TARGET_PARAMETER_PATTERNS[family][target]
+        pattern = re.compile(rf"{module}\.({parameters})")
+        matched = [name for name, _ in model.named_parameters() if pattern.fullmatch(name)]
+        if not matched:
+            raise ModelError(
+                f"LoRA target {target!r} matched no parameter of this {family} model",
+                hint="the checkpoint's module layout differs from transformers' own (remote code?)",
+            )
+        names.extend(name for name in matched if name not in names)
+    return names
+
+
+def check_lora_targets(family: str, targets: Sequence[str]) -> None:
+    """Refuse unknown target groups, and `experts`/`router` on a model without experts."""
+    unknown = [target for target in targets if target not in LORA_TARGET_GROUPS]
+    if unknown or not targets:
+        raise ConfigError(
+            f"unknown Qwen-VL LoRA target {unknown[0]!r} in lora.targets"
+            if unknown
+            else "lora.targets is empty",
+            hint=f"use any of: {', '.join(LORA_TARGET_GROUPS)}",
+        )
+    if family not in _TARGET_PATTERNS:
+        raise ModelError(f"no LoRA targets known for model type {family!r}")
+    moe_only = [t for t in targets if t in _PARAMETER_GROUPS and family not in _TARGET_PARAMETER_PATTERNS]
+    if moe_only:
+        raise ConfigError(
+            f"lora.targets: {moe_only[0]!r} needs a mixture-of-experts model (Qwen3-VL-MoE); "
+            f"this is a {family} model",
+            hint=f"remove {moe_only[0]} from --targets / lora.targets (dense models: llm, vision, merger)",
+        )
+
+
 def add_lora(
     model: PreTrainedModel,
     target_modules: Sequence[str],
@@ -198,12 +251,34 @@ def add_lora(
     dropout: float = 0.0,
     init: str = "default",
     use_rslora: bool = False,
+    target_parameters: Sequence[str] = (),
+    variant: str = "lora",
 ) -> PeftModel:
-    """Wrap `model` with LoRA on exactly `target_modules`; every other parameter is frozen."""
+    """Wrap `model` with LoRA on exactly `target_modules` and `target_parameters` (fused expert and
+    router weights, see `lora_target_parameters`); every other parameter is frozen. `variant="dora"`
+    is PEFT's DoRA (`use_dora`)."""
     if init not in _INIT_CHOICES:
         raise ConfigError(
             f"lora.init {init!r} is not available for Qwen-VL",
             hint="use default or gaussian (PiSSA/OLoRA/LoftQ rewrite the base weights)",
+        )
+    if target_parameters and dropout:
+        # peft 0.21's ParamWrapper adds the LoRA to the weight, so there is no input to drop out; it
+        # refuses any lora_dropout in the config, which is shared by every adapted layer.
+        raise ConfigError(
+            f"lora.dropout={dropout} does not work with LoRA on the experts or the router",
+            hint="set lora.dropout 0, or remove experts/router from --targets",
+        )
+    if variant not in ("lora", "dora"):
+        raise ConfigError(
+            f"lora.variant {variant!r} is not available for Qwen-VL",
+            hint="use lora or dora (LoKr and LoHa are SDXL's)",
+        )
+    if target_parameters and variant == "dora":
+        # peft 0.21's ParamWrapper refuses use_dora.
+        raise ConfigError(
+            "lora.variant=dora does not work with LoRA on the experts or the router",
+            hint="set lora.variant lora, or remove experts/router from --targets",
         )
     config = LoraConfig(
         r=rank,
@@ -212,9 +287,68 @@ def add_lora(
         init_lora_weights=_INIT_CHOICES[init],
         # Exact names: PEFT matches a list entry against the whole module name (or a `.`-suffix of it).
         target_modules=list(target_modules),
+        target_parameters=list(target_parameters) or None,
         use_rslora=use_rslora,
+        use_dora=variant == "dora",
     )
     return get_peft_model(model, config)
+
+
+def lora_parameter_groups(
+    model: torch.nn.Module,
+    family: str,
+    lr: float,
+    lr_vision: float | None = None,
+    lr_merger: float | None = None,
+) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: `llm` at `lr`, `vision` and `merger` LoRA weights at
+    `lr_vision` / `lr_merger` when set (`lora.lr_vision`, `lora.lr_merger`), else at `lr`; Qwen3-VL-MoE's
+    `experts` and `router` LoRA weights form groups of their own at `lr`, so their sizes are printed.
+
+    A weight's group is that of the module it adapts (the patterns of lora_target_modules); each
+    group carries its `name`. A rate set for a group that has no trainable weights is refused: it would
+    act on nothing.
+    """
+    patterns = {group: re.compile(_TARGET_PATTERNS[family][group]) for group in ("vision", "merger")}
+    # A parameter LoRA lives on the module that holds the parameter; a second parameter of the same
+    # module nests its wrapper, so the inner LoRA's module name gains `.base_layer`.
+    for group, (holder, _) in _TARGET_PARAMETER_PATTERNS.get(family, {}).items():
+        patterns[group] = re.compile(rf"{holder}(\.base_layer)*")
+    grouped: dict[str, list[torch.nn.Parameter]] = {
+        "llm": [],
+        "experts": [],
+        "router": [],
+        "vision": [],
+        "merger": [],
+    }
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # PEFT names a LoRA weight `base_model.model.<module>.lora_A.<adapter>.weight`.
+        module = name.removeprefix("base_model.model.").partition(".lora_")[0]
+        group = next((g for g, pattern in patterns.items() if pattern.fullmatch(module)), "llm")
+        grouped[group].append(param)
+    rates = {"llm": lr, "experts": lr, "router": lr, "vision": lr_vision or lr, "merger": lr_merger or lr}
+    for group, key, rate in (
+        ("vision", "lora.lr_vision", lr_vision),
+        ("merger", "lora.lr_merger", lr_merger),
+    ):
+        if rate is not None and not grouped[group]:
+            raise ConfigError(
+                f"{key}={rate} is set, but no {group} weights are trained",
+                hint=f"add {group} to lora.targets, or remove {key}",
+            )
+    return [
+        {"params": params, "lr": rates[group], "name": group} for group, params in grouped.items() if params
+    ]
+
+
+def describe_parameter_groups(groups: Sequence[Mapping[str, Any]]) -> str:
+    """`trainable parameters: llm 12,288 (lr 0.0001), ...`: the line a run prints before training."""
+    return "trainable parameters: " + ", ".join(
+        f"{group['name']} {sum(p.numel() for p in group['params']):,} (lr {group['lr']:g})"
+        for group in groups
+    )
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel | PeftModel) -> None:

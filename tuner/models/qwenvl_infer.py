@@ -21,8 +21,17 @@ from safetensors import safe_open
 from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from tuner.data.conversations import Conversation, load_conversations
+from tuner.data.grounding import (
+    AnswerBox,
+    box_style,
+    draw_boxes,
+    parse_answer_boxes,
+    resized_size,
+    write_boxes,
+)
 from tuner.data.images import load_image_rgb
-from tuner.data.vl_encoding import set_pixel_bounds
+from tuner.data.video import VideoSource
+from tuner.data.vl_encoding import set_pixel_bounds, video_inputs
 from tuner.errors import ConfigError, DataError, ModelError
 from tuner.models.qwenvl import (
     ADAPTER_METADATA_FILE,
@@ -42,6 +51,8 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 # with the image and video processor inside; older saves wrote preprocessor_config.json).
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 PROBLEMS_SHOWN = 10
+# Where a reply decoded with its special tokens ends.
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 @dataclass
@@ -203,10 +214,14 @@ def generate_answer(
     images: Sequence[Path] = (),
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.0,
+    skip_special_tokens: bool = True,
+    videos: Sequence[VideoSource] = (),
 ) -> str:
-    """The model's reply to `messages` (chat format, one `{"type": "image"}` part per entry of `images`).
+    """The model's reply to `messages` (chat format, one `{"type": "image"}` part per entry of `images`
+    and one `{"type": "video"}` part per entry of `videos`, sampled as training samples them).
 
-    Greedy when `temperature` is 0, sampled at `temperature` otherwise.
+    Greedy when `temperature` is 0, sampled at `temperature` otherwise. `skip_special_tokens=False`
+    keeps special tokens such as Qwen2-VL's `<|box_start|>` (the reply ends before `<|im_end|>`).
     """
     if temperature < 0:
         raise ConfigError(f"temperature {temperature} is negative", hint="use 0 for greedy answers, or > 0")
@@ -215,18 +230,48 @@ def generate_answer(
     processor = answerer.processor
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     pictures = [load_image_rgb(path) for path in images]
-    inputs = processor(text=[text], images=pictures or None, return_tensors="pt").to(answerer.device)
+    clips = video_inputs(processor, tuple(videos))
+    inputs = processor(text=[text], images=pictures or None, **clips, return_tensors="pt").to(answerer.device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():
         generated = answerer.model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
-    return processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    answer = processor.decode(
+        generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=skip_special_tokens
+    )
+    for end in END_TOKENS:
+        answer = answer.split(end)[0]
+    return answer
 
 
-def prompt_messages(prompt: str, image_count: int) -> list[dict]:
-    """One user turn: the images first, then the question (the layout Qwen-VL models are tuned on)."""
-    return [
-        {"role": "user", "content": [{"type": "image"}] * image_count + [{"type": "text", "text": prompt}]}
-    ]
+def answer_with_boxes(
+    answerer: QwenVLAnswerer,
+    prompt: str,
+    image: Path,
+    out: Path,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = 0.0,
+) -> tuple[str, list[AnswerBox]]:
+    """The answer to a question about one image, and the boxes in it drawn on the image into `out`.
+
+    Boxes are read in either written form and mapped back to pixels of the input image by the family's
+    convention (see tuner.data.grounding).
+    """
+    answer = generate_answer(
+        answerer, prompt_messages(prompt, 1), [image], max_new_tokens, temperature, skip_special_tokens=False
+    )
+    picture = load_image_rgb(image)
+    size = picture.size
+    processor = answerer.processor
+    boxes = parse_answer_boxes(answer, box_style(processor), size, resized_size(processor, *size))
+    draw_boxes(picture, boxes, out)
+    return answer, boxes
+
+
+def prompt_messages(prompt: str, image_count: int, video_count: int = 0) -> list[dict]:
+    """One user turn: the images and videos first, then the question (the layout Qwen-VL models are
+    tuned on)."""
+    media = [{"type": "image"}] * image_count + [{"type": "video"}] * video_count
+    return [{"role": "user", "content": [*media, {"type": "text", "text": prompt}]}]
 
 
 def answer_prompt(
@@ -235,11 +280,11 @@ def answer_prompt(
     images: Sequence[Path],
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.0,
+    videos: Sequence[VideoSource] = (),
 ) -> str:
-    """The answer to one question about `images`."""
-    return generate_answer(
-        answerer, prompt_messages(prompt, len(images)), images, max_new_tokens, temperature
-    )
+    """The answer to one question about `images` and `videos`."""
+    messages = prompt_messages(prompt, len(images), len(videos))
+    return generate_answer(answerer, messages, images, max_new_tokens, temperature, videos=videos)
 
 
 def answer_dataset(
@@ -257,7 +302,7 @@ def answer_dataset(
     `answer`; lines are written as answers come, so a long run can be watched and an interrupted one
     keeps what it finished.
     """
-    conversations = _checked_conversations(data, image_root)
+    conversations = checked_conversations(data, image_root)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as handle:
@@ -268,7 +313,8 @@ def answer_dataset(
     return len(conversations)
 
 
-def _checked_conversations(data: str | Path, image_root: str | Path | None) -> Sequence[Conversation]:
+def checked_conversations(data: str | Path, image_root: str | Path | None) -> Sequence[Conversation]:
+    """Every conversation of `data` (`tiny`: the generated set); any bad record stops with a DataError."""
     data = resolve_tiny_dataset(str(data), TASK)
     scan = load_conversations(data, image_root, check_images=True)
     if scan.problems:
@@ -285,12 +331,14 @@ def _checked_conversations(data: str | Path, image_root: str | Path | None) -> S
 def _answer_record(
     answerer: QwenVLAnswerer, conversation: Conversation, max_new_tokens: int, temperature: float
 ) -> dict[str, str]:
-    messages = conversation.messages
+    messages = write_boxes(answerer.processor, conversation).messages
     # load_conversations guarantees the last turn is the assistant's answer and that no image sits in
     # an assistant turn, so every image belongs to the prompt.
     prompt = messages[:-1]
     question = next((m for m in reversed(prompt) if m["role"] == "user"), None)
-    answer = generate_answer(answerer, prompt, conversation.images, max_new_tokens, temperature)
+    answer = generate_answer(
+        answerer, prompt, conversation.images, max_new_tokens, temperature, videos=conversation.videos
+    )
     return {
         "source": conversation.source,
         "question": _text_of(question) if question is not None else "",

@@ -29,8 +29,9 @@ dropout applied per access) for the recipe to encode each step; the text encoder
 With `random_flip` both orientations are cached and one is picked per access.
 
 Per-access randomness (flip, caption transforms) comes from an rng seeded with (seed, index, epoch),
-where the epoch is what the loop last passed to `set_epoch` (0 by default): the same item in the same
-epoch is the same on a resumed run, and each epoch draws afresh.
+where the epoch travels with the index (a `tuner.data.sampling.SampleKey`; a plain index is epoch 0):
+the same item in the same epoch is the same in any data-loader worker and on a resumed run, and each
+epoch draws afresh.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from tqdm.auto import tqdm
 
 from tuner.data.buckets import CropPlan, apply_crop
 from tuner.data.captions import CaptionedImage, transform_caption
+from tuner.data.sampling import epoch_of
 from tuner.errors import DataError
 from tuner.models.sdxl import SDXLComponents, compute_time_ids, encode_latents, encode_prompt
 
@@ -495,22 +497,18 @@ class SDXLDataset(torch.utils.data.Dataset):
         self._items = items
         self._settings = settings
         self._cached = cached
-        self._epoch = 0
         # Open shards, per process: safe_open maps the file and parses its header once.
         self._open_shards: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Draw flips and caption transforms for `epoch` (same epoch, same draws: resumes replay)."""
-        self._epoch = epoch
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = range(len(self._items))[index]  # dataset[-1] draws what dataset[len - 1] draws
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        """Item `key`, its flip and caption transforms drawn for the key's epoch (see `SampleKey`)."""
+        index = range(len(self._items))[key]  # dataset[-1] draws what dataset[len - 1] draws
         item = self._items[index]
         settings = self._settings
-        rng = random.Random(f"{settings.seed}:{index}:{self._epoch}")
+        rng = random.Random(f"{settings.seed}:{index}:{epoch_of(key)}")
         flip = settings.random_flip and rng.random() < 0.5
         result: dict[str, Any] = {}
         if self._cached is None:

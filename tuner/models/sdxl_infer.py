@@ -1,7 +1,8 @@
 """Generate images with SDXL and any number of stacked LoRA adapters, as PNGs that say how they were made.
 
 Models load through `tuner.models.sdxl.load_sdxl`, the code training uses, and adapters through
-diffusers' `load_lora_weights`, which reads tuner's adapters, diffusers files and kohya files alike.
+diffusers' `load_lora_weights`, which reads tuner's adapters, diffusers files and kohya files alike
+(tuner's LoKr/LoHa files, which diffusers cannot read, through PEFT: `load_adapter_file`).
 Each adapter gets its own name so `set_adapters` can weigh them; `--compare` renders the same seeds
 again with the adapters disabled.
 """
@@ -9,6 +10,7 @@ again with the adapters disabled.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +21,9 @@ from PIL.PngImagePlugin import PngInfo
 
 import tuner
 from tuner.errors import ConfigError
-from tuner.formats.kohya import resolve_adapter_file
+from tuner.formats.kohya import read_safetensors, resolve_adapter_file
 from tuner.models.sdxl import SDXLComponents, load_sdxl
+from tuner.models.sdxl_lora import load_adapter_file
 from tuner.models.sdxl_sampling import build_pipeline, decode_latents, image_grid
 from tuner.tiny import resolve_model_path
 
@@ -52,17 +55,69 @@ def resolve_sdxl_model(name_or_path: str, source: str = "huggingface", offline: 
     return resolve_model_path(name_or_path, TASK, source, offline)
 
 
+class _QuietLibraryNotes(logging.Filter):
+    """Drops diffusers 0.42 warnings that say nothing a tuner user can act on.
+
+    "No LoRA keys associated to CLIPTextModel found" is logged for every part an adapter does not adapt
+    (a UNet-only LoRA, the default); "modules that should be kept in float32: []" for every dtype cast
+    of a model that has none.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("No LoRA keys associated to")
+            or ("that should be kept in float32: []" in message)
+        )
+
+
+_QUIET = _QuietLibraryNotes()
+
+
+def quiet_library_notes() -> None:
+    """Install the filter on the diffusers loggers that emit those notes (idempotent)."""
+    for name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft", "diffusers.models.modeling_utils"):
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
+
+
 def load_adapters(pipeline: StableDiffusionXLPipeline, adapters: list[Adapter]) -> list[str]:
     """Load each adapter under its own name and activate them all with their scales; returns the names."""
+    quiet_library_notes()
     names = []
     for index, adapter in enumerate(adapters):
         file = resolve_adapter_file(adapter.path)
         name = f"adapter_{index}"
-        pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        load_adapter_file(pipeline, file, name)
         names.append(name)
     if names:
         pipeline.set_adapters(names, adapter_weights=[adapter.scale for adapter in adapters])
     return names
+
+
+def trained_prediction_type(adapters: list[Adapter]) -> str | None:
+    """What the adapters' UNet was trained to predict, from their headers; None when none records it.
+
+    tuner writes `tuner.prediction_type` (its kohya copies carry it too); kohya's own files say
+    `ss_v_parameterization`. Adapters trained for different targets cannot share one scheduler.
+    """
+    found: dict[str, Path] = {}
+    for adapter in adapters:
+        file = resolve_adapter_file(adapter.path)
+        _, header = read_safetensors(file)
+        recorded = header.get("tuner.prediction_type")
+        if recorded is None and header.get("ss_v_parameterization") == "True":
+            recorded = "v_prediction"
+        if recorded is not None:
+            found.setdefault(recorded, file)
+    if len(found) > 1:
+        listed = ", ".join(f"{file} ({kind})" for kind, file in found.items())
+        raise ConfigError(
+            f"the adapters were trained for different prediction types: {listed}",
+            hint="stack only adapters trained with the same train.prediction_type",
+        )
+    return next(iter(found), None)
 
 
 def generate(
@@ -148,7 +203,7 @@ def infer_sdxl(
     components = load_sdxl(
         resolve_sdxl_model(settings.model, source, offline), weight_dtype=runtime.compute_dtype
     )
-    pipeline = build_pipeline(components).to(runtime.device_type)
+    pipeline = build_pipeline(components, trained_prediction_type(settings.adapters)).to(runtime.device_type)
     names = load_adapters(pipeline, settings.adapters)
     images = generate(pipeline, components, settings)
     seeds = [settings.seed + offset for offset in range(settings.num_images)]

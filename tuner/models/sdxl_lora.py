@@ -21,15 +21,17 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, get_peft_config, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tuner.errors import ConfigError
+from tuner.errors import ConfigError, ModelError
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 EMA_ADAPTER_FILE = "pytorch_lora_weights_ema.safetensors"
+# The kohya-layout copy (tuner.formats.kohya) for ComfyUI, A1111/Forge and sd-scripts.
+KOHYA_ADAPTER_FILE = "pytorch_lora_weights_kohya.safetensors"
 
 UNET_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": ("to_q", "to_k", "to_v", "to_out.0"),
@@ -40,6 +42,9 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # Initialisations that leave the base weights untouched. PiSSA/OLoRA/LoftQ rewrite the base weights,
 # which an adapter file for diffusers cannot carry.
 _INIT_CHOICES = {"default": True, "gaussian": "gaussian"}
+# LyCORIS' algorithms as PEFT implements them. diffusers loads neither (its loaders build LoRA configs
+# only), so tuner loads them itself (`load_adapter_file`) and the kohya file is what other tools read.
+LYCORIS_CONFIGS: dict[str, type[PeftConfig]] = {"lokr": LoKrConfig, "loha": LoHaConfig}
 
 
 def unet_target_modules(targets: list[str]) -> list[str]:
@@ -62,7 +67,20 @@ def lora_config(
     dropout: float = 0.0,
     init: str = "default",
     use_rslora: bool = False,
-) -> LoraConfig:
+    variant: str = "lora",
+) -> PeftConfig:
+    """PEFT's LoRA config; `variant="dora"` adds DoRA's magnitude vectors (`use_dora`), `lokr`/`loha` are
+    PEFT's LoKrConfig/LoHaConfig (LyCORIS' LoKr and LoHa, delta scaled by alpha / rank as LoRA's)."""
+    if variant in LYCORIS_CONFIGS:
+        options = {"dropout": dropout, "init": init, "use_rslora": use_rslora}
+        changed = {key: value for key, value in options.items() if value not in (0.0, "default", False)}
+        if changed:
+            key, value = next(iter(changed.items()))
+            raise ConfigError(
+                f"lora.{key}={value!r} does not apply to lora.variant {variant}",
+                hint=f"leave lora.{key} at its default with LoKr/LoHa",
+            )
+        return LYCORIS_CONFIGS[variant](r=rank, alpha=alpha, target_modules=list(target_modules))
     if init not in _INIT_CHOICES:
         raise ConfigError(
             f"lora.init {init!r} is not available for SDXL",
@@ -76,6 +94,7 @@ def lora_config(
         init_lora_weights=_INIT_CHOICES[init],
         target_modules=list(target_modules),
         use_rslora=use_rslora,
+        use_dora=variant == "dora",
     )
 
 
@@ -123,8 +142,15 @@ def save_sdxl_lora(
             continue
         # No embedding layers are adapted; "auto" would look the base config up (a hub call for hub IDs).
         state_dict = get_peft_model_state_dict(model, save_embedding_layers=False)
-        if name != "unet":
-            state_dict = convert_state_dict_to_diffusers(state_dict)
+        # LoKr/LoHa keys keep PEFT's (and LyCORIS') names: diffusers has no naming of its own for them.
+        if name != "unet" and model.peft_config["default"].peft_type == "LORA":
+            state_dict = {
+                # PEFT saves DoRA magnitudes without `.weight`; transformers 5.23's adapter loading
+                # (diffusers' text-encoder path) renames keys but never adds it back, and would leave
+                # every magnitude at its fresh initialisation.
+                key + ".weight" if key.endswith(".lora_magnitude_vector") else key: value
+                for key, value in convert_state_dict_to_diffusers(state_dict).items()
+            }
         layers[f"{name}_lora_layers"] = state_dict
         layers[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
     StableDiffusionXLPipeline.save_lora_weights(output_dir, weight_name=weight_name, **layers)
@@ -150,3 +176,46 @@ def read_adapter_metadata(path: Path) -> dict[str, object]:
     if "lora_adapter_metadata" in metadata:
         metadata["lora_adapter_metadata"] = json.loads(str(metadata["lora_adapter_metadata"]))
     return metadata
+
+
+def is_lycoris(metadata: dict[str, str]) -> bool:
+    """Whether an adapter file's header records a LoKr or LoHa config (diffusers cannot load those)."""
+    configs = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    return any(key.endswith(".peft_type") and value in ("LOKR", "LOHA") for key, value in configs.items())
+
+
+def load_adapter_file(pipeline: StableDiffusionXLPipeline, adapter_file: Path, adapter_name: str) -> None:
+    """Load a LoRA/DoRA file (diffusers' `load_lora_weights`: diffusers, PEFT or kohya layout) or one of
+    tuner's LoKr/LoHa files (through PEFT: the config in the header, injected as `adapter_name`, so
+    diffusers' `set_adapters`, `disable_lora` and `fuse_lora` act on it like on a LoRA)."""
+    adapter_file = Path(adapter_file)
+    with safe_open(str(adapter_file), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        keys = list(handle.keys()) if is_lycoris(metadata) else []
+        tensors = {key: handle.get_tensor(key) for key in keys}
+    if not tensors:
+        pipeline.load_lora_weights(
+            str(adapter_file.parent), weight_name=adapter_file.name, adapter_name=adapter_name
+        )
+        return
+    configs: dict[str, dict] = {}
+    for key, value in json.loads(metadata["lora_adapter_metadata"]).items():
+        component, _, field = key.partition(".")
+        configs.setdefault(component, {})[field] = value
+    for component, config in configs.items():
+        prefix = f"{component}."
+        state_dict = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
+        model = getattr(pipeline, component)
+        try:
+            model.add_adapter(get_peft_config(config), adapter_name=adapter_name)
+            result = set_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
+        except (ValueError, RuntimeError) as error:  # no such module / a shape that does not fit
+            raise ModelError(
+                f"the adapter {adapter_file} does not fit the base model's {component}: {error}",
+                hint="load it on the base model it was trained on",
+            ) from error
+        if result.unexpected_keys:
+            raise ModelError(
+                f"the adapter {adapter_file} adapts {result.unexpected_keys[0]}, which the base lacks",
+                hint="load it on the base model it was trained on",
+            )

@@ -5,6 +5,12 @@ the base with the shapes the LoRA matrices need. The LoRA is fused in fp32 (so r
 at the final cast), then the model is cast to the requested dtype. The output is built in a hidden
 folder beside `output` and moved into place with one `os.replace`, so an interrupted merge leaves no
 output behind.
+
+`--single-file` from a diffusers folder streams: the UNet (2.6B of SDXL's 3.5B parameters) is read
+tensor by tensor with safetensors' lazy reads, each weight gets its LoRA delta `scale * up @ down` in
+fp32, is cast and appended to the output file; the text encoders and VAE are loaded one at a time in
+their stored dtype. Peak memory is the adapter plus the largest of those (bigG, 1.4 GB in fp16) instead
+of the whole pipeline in fp32 (15.8 GB for SDXL).
 """
 
 from __future__ import annotations
@@ -19,14 +25,31 @@ import torch
 from tuner.errors import ConfigError, ModelError
 from tuner.formats.kohya import (
     COMPONENTS,
+    BaseWeight,
+    is_dora,
     is_kohya,
     kohya_to_diffusers,
+    lora_deltas,
     read_safetensors,
+    recorded_base,
     resolve_adapter_file,
 )
-from tuner.formats.sdxl_single_file import save_sdxl_single_file
+from tuner.formats.safetensors_stream import SafetensorsStreamWriter
+from tuner.formats.sdxl_single_file import (
+    TEXT_ENCODER_2_PREFIX,
+    TEXT_ENCODER_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    clip_state_dict,
+    open_clip_state_dict,
+    save_sdxl_single_file,
+    vae_to_original,
+)
+from tuner.formats.sdxl_unet_layout import UNetLayout
 from tuner.models.sdxl import SDXLComponents, load_sdxl
-from tuner.models.sdxl_infer import build_pipeline, resolve_sdxl_model
+from tuner.models.sdxl_infer import build_pipeline, quiet_library_notes, resolve_sdxl_model
+from tuner.models.sdxl_lora import is_lycoris, load_adapter_file
+from tuner.tiny import resolve_tiny_alias
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SINGLE_FILE_NAME = "model.safetensors"
@@ -82,10 +105,20 @@ def check_adapter_fits(components: SDXLComponents, adapter_file: Path, base_name
                 f"{tuple(up.shape) if up is not None else None} vs base weight {tuple(weight.shape)}",
                 hint=_WRONG_BASE_HINT,
             )
+    return _base_warnings(metadata, base_name)
+
+
+def _base_warnings(metadata: dict[str, str], base_name: str) -> list[str]:
     recorded = metadata.get("tuner.base_model")
-    if recorded and recorded not in (base_name, f"tiny-{base_name}" if base_name == "tiny" else base_name):
+    if recorded and _model_identity(recorded) != _model_identity(base_name):
         return [f"the adapter was trained on {recorded}, not {base_name}; the shapes fit, merging anyway"]
     return []
+
+
+def _model_identity(name: str) -> str:
+    """One name per model: `tiny` and `tiny-sdxl` are the same tiny model."""
+    tiny = resolve_tiny_alias(name, "sdxl-lora")
+    return f"tiny-{tiny}" if tiny is not None else name
 
 
 _WRONG_BASE_HINT = (
@@ -101,6 +134,30 @@ def _find_module(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
         except AttributeError:
             continue
     return None
+
+
+def base_weights_of(components: SDXLComponents) -> BaseWeight:
+    """(component, module) -> the module's frozen weight (under a PEFT layer, `.weight` is the base's)."""
+
+    def base_weight(component: str, module: str) -> torch.Tensor:
+        found = _find_module(getattr(components, component), module)
+        if found is None or not hasattr(found, "weight"):
+            raise ModelError(f"the base model has no layer {component}.{module}", hint=_WRONG_BASE_HINT)
+        return found.weight.detach()
+
+    return base_weight
+
+
+def dora_base_weights(adapter: Path, base: str | None) -> BaseWeight | None:
+    """The base weights a DoRA adapter's kohya export needs (`base`, else the base the adapter records);
+    None for plain LoRA or when no base is known (the export then refuses and asks for --base)."""
+    adapter_file = resolve_adapter_file(Path(adapter))
+    if not is_dora(adapter_file):
+        return None
+    base = base or recorded_base(adapter_file, read_safetensors(adapter_file)[1])
+    if base is None:
+        return None
+    return base_weights_of(load_sdxl(resolve_sdxl_model(base), weight_dtype=torch.float32))
 
 
 def merge_sdxl_adapter(
@@ -120,13 +177,25 @@ def merge_sdxl_adapter(
     if output.exists():
         raise ConfigError(f"{output} already exists", hint="choose a new --output or remove the old one")
     adapter_file = resolve_adapter_file(Path(adapter))
+    model_path = Path(resolve_sdxl_model(base))
+    # LoKr/LoHa deltas are not low-rank products: those merge through PEFT in the pipeline.
+    lycoris = is_lycoris(read_safetensors(adapter_file)[1])
+    if single_file and model_path.is_dir() and not lycoris:
+        return _merge_single_file_streaming(
+            model_path, adapter_file, output, base, scale, DTYPES[dtype] if dtype else None, warn
+        )
     components = load_sdxl(resolve_sdxl_model(base), weight_dtype=torch.float32)
-    for warning in check_adapter_fits(components, adapter_file, base):
+    if lycoris:  # checked by PEFT as it loads (load_adapter_file), before anything is written
+        warnings = _base_warnings(read_safetensors(adapter_file)[1], base)
+    else:
+        warnings = check_adapter_fits(components, adapter_file, base)
+    for warning in warnings:
         warn(f"warning: {warning}")
     target_dtype = DTYPES[dtype] if dtype else _stored_dtype(resolve_sdxl_model(base))
 
+    quiet_library_notes()
     pipeline = build_pipeline(components)
-    pipeline.load_lora_weights(str(adapter_file.parent), weight_name=adapter_file.name, adapter_name="merged")
+    load_adapter_file(pipeline, adapter_file, "merged")
     adapted = [
         name
         for name in COMPONENTS
@@ -147,7 +216,7 @@ def merge_sdxl_adapter(
                 pipeline.vae,
                 pipeline.text_encoder,
                 pipeline.text_encoder_2,
-                metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base"},
+                metadata=SINGLE_FILE_METADATA,
             )
             os.replace(target if output.suffix == ".safetensors" else staging, output)
         else:
@@ -156,6 +225,125 @@ def merge_sdxl_adapter(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
+
+
+SINGLE_FILE_METADATA = {"modelspec.architecture": "stable-diffusion-xl-v1-base"}
+
+
+def _merge_single_file_streaming(
+    folder: Path,
+    adapter_file: Path,
+    output: Path,
+    base_name: str,
+    scale: float,
+    dtype: torch.dtype | None,
+    warn,
+) -> Path:
+    """`--single-file` from a diffusers folder, tensor by tensor (see the module docstring)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    state_dict, metadata = read_safetensors(adapter_file)
+    unet_config = dict(UNet2DConditionModel.load_config(str(folder), subfolder="unet"))
+    deltas = lora_deltas(state_dict, metadata, unet_config, source=str(adapter_file))
+    if not deltas:
+        raise ModelError(f"{adapter_file} holds no LoRA weights", hint="pass an SDXL LoRA file or folder")
+    unet_files = _weight_files(folder / "unet")
+    unet_shapes = {}
+    for file in unet_files:
+        with safe_open(str(file), framework="pt") as handle:
+            unet_shapes |= {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    target_dtype = dtype or _stored_dtype(str(folder))
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype="auto")
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+        folder, subfolder="text_encoder_2", dtype="auto"
+    )
+    encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    # Refuse before writing: every adapted module exists with the shapes its LoRA needs.
+    for (component, module), (down, up, _, _) in deltas.items():
+        if component == "unet":
+            shape = unet_shapes.get(f"{module}.weight")
+        else:
+            found = _find_module(encoders[component], module)
+            shape = tuple(found.weight.shape) if found is not None and hasattr(found, "weight") else None
+        if shape is None or down.shape[1] != shape[1] or up.shape[0] != shape[0]:
+            raise ModelError(
+                f"the adapter {adapter_file} does not fit the base model at {component}.{module}: LoRA "
+                f"{tuple(down.shape)} x {tuple(up.shape)} vs base weight {shape}",
+                hint=_WRONG_BASE_HINT,
+            )
+    for warning in _base_warnings(metadata, base_name):
+        warn(f"warning: {warning}")
+
+    with torch.no_grad():
+        for component, encoder in encoders.items():
+            for (part, module), delta in deltas.items():
+                if part == component:
+                    weight = _find_module(encoder, module).weight
+                    # In the stored dtype, as the pipeline merge's fp32 copy rounds once, at the final cast.
+                    weight.copy_(_fused(weight, delta, scale, weight.dtype))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    target = output if output.suffix == ".safetensors" else output / SINGLE_FILE_NAME
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        with SafetensorsStreamWriter(staging / target.name, SINGLE_FILE_METADATA) as writer:
+            layout = UNetLayout(unet_config)
+            for file in unet_files:
+                with safe_open(str(file), framework="pt") as handle:
+                    for key in handle.keys():  # noqa: SIM118
+                        delta = deltas.get(("unet", key.removesuffix(".weight")))
+                        tensor = handle.get_tensor(key)
+                        if delta is not None:
+                            tensor = _fused(tensor, delta, scale, target_dtype)
+                        writer.add(UNET_PREFIX + layout.to_original(key), tensor.to(target_dtype))
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+            for key, value in vae_to_original(vae).items():
+                writer.add(VAE_PREFIX + key, value.to(target_dtype))
+            del vae
+            for key, value in clip_state_dict(text_encoder).items():
+                if not key.endswith("position_ids"):
+                    writer.add(TEXT_ENCODER_PREFIX + key, value.to(target_dtype))
+            for key, value in open_clip_state_dict(text_encoder_2).items():
+                writer.add(TEXT_ENCODER_2_PREFIX + key, value.to(target_dtype))
+        if output.suffix == ".safetensors":
+            os.replace(staging / target.name, output)
+        else:
+            os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def _fused(
+    weight: torch.Tensor,
+    delta: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None],
+    scale: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`weight + scale * alpha/r * up @ down` in fp32, then cast: PEFT's merge for Linear and Conv2d
+    (whose `up` is 1x1, so the product of the flattened matrices is the convolution's delta). With a
+    DoRA magnitude each output channel is then rescaled to it, as peft 0.21's DoRA merge does."""
+    down, up, lora_scale, magnitude = delta
+    product = up.flatten(1).float() @ down.flatten(1).float()
+    merged = weight.float() + scale * lora_scale * product.reshape(weight.shape)
+    if magnitude is not None:
+        rows = merged.shape[0]
+        norm = merged.reshape(rows, -1).norm(dim=1)
+        merged = merged * (magnitude.float().flatten() / norm).reshape(rows, *[1] * (merged.dim() - 1))
+    return merged.to(dtype)
+
+
+def _weight_files(component_dir: Path) -> list[Path]:
+    """A component's safetensors files, without variants (`*.fp16.safetensors`) beside the full ones."""
+    files = sorted(component_dir.glob("*.safetensors"))
+    plain = [file for file in files if "." not in file.name.removesuffix(".safetensors")]
+    if not plain:
+        raise ModelError(
+            f"no safetensors weights in {component_dir}",
+            hint="pass a diffusers SDXL folder with .safetensors weights (or merge without --single-file)",
+        )
+    return plain
 
 
 def _has_lora(model: torch.nn.Module) -> bool:

@@ -20,8 +20,16 @@ from PIL import Image
 from tuner.models.sdxl import SDXLComponents
 
 
-def build_pipeline(components: SDXLComponents) -> StableDiffusionXLPipeline:
-    """A pipeline around loaded components, sampling with Euler as SDXL base ships."""
+def build_pipeline(
+    components: SDXLComponents, prediction_type: str | None = None
+) -> StableDiffusionXLPipeline:
+    """A pipeline around loaded components, sampling with Euler as SDXL base ships.
+
+    `prediction_type` is what the UNet was trained to predict (`train.prediction_type`, recorded in the
+    adapter as `tuner.prediction_type`); None keeps the model scheduler's. The scheduler turns the UNet's
+    output into the next latents, so it must read that output as what the UNet was trained to predict.
+    """
+    overrides = {"prediction_type": prediction_type} if prediction_type else {}
     pipeline = StableDiffusionXLPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
@@ -29,7 +37,7 @@ def build_pipeline(components: SDXLComponents) -> StableDiffusionXLPipeline:
         tokenizer=components.tokenizer,
         tokenizer_2=components.tokenizer_2,
         unet=components.unet,
-        scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config),
+        scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config, **overrides),
         add_watermarker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
@@ -83,14 +91,16 @@ def sample_images(
     *,
     device: torch.device | str,
     guidance_scale: float = 5.0,
+    prediction_type: str | None = None,
 ) -> Path:
     """Write a grid of `size` (width, height) images, one row per prompt and one column per seed.
 
     The VAE and text encoders are moved to `device` for the call and back afterwards (a cached run
     keeps them off the accelerator); the UNet is put in eval mode (no LoRA dropout) and restored.
+    `prediction_type`: see `build_pipeline`.
     """
     width, height = size
-    pipeline = build_pipeline(components)
+    pipeline = build_pipeline(components, prediction_type)
     images = []
     with _on_device(components, device), _eval_mode(components.unet), torch.no_grad():
         for prompt in prompts:

@@ -3,13 +3,13 @@
 The pipeline, top to bottom: resolve the model -> device and Accelerator -> write the resolved config
 -> read the conversations -> load model and processor, bound image pixels -> LoRA on the chosen targets
 -> encode samples lazily, drop over-long ones -> length-grouped batches, padded or packed -> optimizer
-and schedule -> the shared training loop -> save the adapter -> greedy answers to a few training prompts.
+and schedule -> the shared training loop -> save the adapter (and its EMA twin in `ema/`) -> greedy
+answers to a few training prompts.
 
-Loss: the model's own causal-LM loss on the labels, i.e. the mean over the supervised (assistant)
-tokens of one micro-batch. With gradient accumulation, Accelerate averages these per-micro-batch means,
-so a token in a short answer weighs more than one in a long answer. We keep that (it is what the
-transformers Trainer does without `num_items_in_batch`, and length grouping keeps micro-batches alike);
-a per-token mean over the whole accumulation window would need the token count of future batches.
+Loss: the model's own causal-LM cross-entropy on the labels, summed over a micro-batch's supervised
+(assistant) tokens; the loop divides it by the supervised tokens of the whole optimizer step, summed
+over gradient accumulation and processes (as the transformers Trainer does with `num_items_in_batch`).
+Every token weighs the same whatever the batch size, accumulation or process count.
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ import torch
 from accelerate.utils import set_seed
 from PIL import Image
 
-from tuner.config.load import write_resolved_config
+from tuner.config.keys import check_evaluation_keys, refuse_unused_keys
 from tuner.config.schema import RunConfig
-from tuner.data.check import DataReport
+from tuner.data.check import DataReport, duplicate_conversations
 from tuner.data.conversations import Conversation, ConversationRecords, load_conversations
-from tuner.data.images import load_image_rgb
+from tuner.data.grounding import write_boxes
+from tuner.data.images import DEFAULT_MAX_PIXELS, load_image_rgb
 from tuner.data.sampling import GroupedBatchSampler, held_out_indices
+from tuner.data.thinking import TrainingSamples, describe_policy
+from tuner.data.video import VideoSampling, video_sampling_of
 from tuner.data.vl_encoding import (
+    IGNORE_INDEX,
     SAMPLE_LENGTHS,
     EncodedSample,
     RopeIndex,
@@ -40,52 +44,102 @@ from tuner.data.vl_encoding import (
     samples_in_batch,
     set_pixel_bounds,
     token_length,
+    video_inputs,
 )
-from tuner.distributed import build_distributed_accelerator, gathered_state_dict
+from tuner.distributed import build_distributed_accelerator, gathered_state_dict, launched_rank
 from tuner.errors import ConfigError, DataError
+from tuner.eval.qwenvl import held_out_eval_samples, score_during_training
 from tuner.models.qwenvl import (
+    EMA_ADAPTER_DIR,
     add_lora,
+    check_lora_targets,
+    describe_parameter_groups,
+    detect_family,
     enable_gradient_checkpointing,
     load_qwenvl,
+    lora_parameter_groups,
     lora_target_modules,
+    lora_target_parameters,
+    read_config_dict,
     rope_index_of,
     save_adapter,
 )
+from tuner.models.qwenvl_infer import QwenVLAnswerer
 from tuner.models.qwenvl_patches import apply_fast_paths
-from tuner.runtime.device import resolve_runtime
-from tuner.tiny import resolve_model_path, resolve_tiny_alias
+from tuner.models.qwenvl_serve import write_serve_file
+from tuner.recipes.common import open_output_folder, record_run, resolve_base_model
+from tuner.runtime.device import resolve_runtime, set_cpu_threads
 from tuner.tiny.datasets import resolve_tiny_dataset
 from tuner.training.bad_data import admit_dataset
+from tuner.training.ema import parameters_replaced
 from tuner.training.loop import TrainingJob, run_training, settings_from_config
 from tuner.training.optim import build_lr_scheduler, build_optimizer
-from tuner.training.outputs import prepare_output_folder
+from tuner.training.trackers import finish_trackers, log_sample_answers
 
 TASK = "qwenvl-lora"
 DEFAULT_TARGETS = ("llm",)
 SAMPLE_PROMPTS = 3
 SAMPLE_MAX_NEW_TOKENS = 24
+EVAL_ANSWERS = "eval_answers.jsonl"  # in samples/: every answer scored during training, with its step
 # Samples per length group: neighbours in token length share batches, so padding stays small while
 # the order of batches is still shuffled.
 LENGTH_GROUP_BATCHES = 8
+# Keys this recipe does not read (SDXL's): refused unless left at their defaults. Sample answers come
+# from the first training conversations, greedy (output.sample_prompts/sample_steps are SDXL's).
+UNUSED_KEYS = (
+    "model.variant",
+    "model.vae",
+    "model.vae_half_precision_safe",
+    "model.single_file_config",
+    "data.image_column",
+    "data.caption_column",
+    "data.resolution",
+    "data.bucketing",
+    "data.bucket_step",
+    "data.center_crop",
+    "data.random_flip",
+    "data.caption_prefix",
+    "data.caption_dropout",
+    "data.shuffle_tags",
+    "data.keep_tags",
+    "lora.text_encoder",
+    "lora.text_encoder_lr",
+    "train.cache",
+    "train.cache_dir",
+    "train.prediction_type",
+    "train.snr_gamma",
+    "train.noise_offset",
+    "train.pyramid_noise_discount",
+    "train.timestep_min",
+    "train.timestep_max",
+    "output.sample_prompts",
+    "output.sample_steps",
+    "runtime.compile",
+    "runtime.channels_last",
+)
 
 
 def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
     """Train a LoRA adapter on a Qwen-VL model as `config` says; returns the output folder."""
-    if not config.output.dir or not config.data.path:
-        raise ConfigError(
-            "qwenvl-lora needs output.dir and data.path", hint="pass --output DIR and --data PATH"
-        )
-    output_dir = Path(config.output.dir)
-    for note in prepare_output_folder(
-        output_dir, config.model_dump(mode="json"), resume, config.output.overwrite
-    ):
-        print(note)
+    check_settings(config)
+    output_dir = open_output_folder(config, TASK, resume)
     # The data is checked before any model loads: a refusal costs seconds, not a model load.
     conversations = load_training_conversations(config)
+    eval_samples = (
+        held_out_eval_samples(config.output.eval_data, config.data.path, config.data.image_root)
+        if config.output.eval_data
+        else []
+    )
     set_seed(config.train.seed)
-    model_path, base_model = resolve_base_model(config)
+    model_path, base_model = resolve_base_model(config, TASK)
+    # Targets the model cannot take (experts on a dense model) are refused before it loads.
+    check_lora_targets(
+        detect_family(read_config_dict(model_path, config.model.revision)),
+        config.lora.targets or DEFAULT_TARGETS,
+    )
 
     runtime = resolve_runtime(config.runtime.device, config.runtime.mixed_precision, config.runtime.devices)
+    set_cpu_threads(config.runtime.num_threads)
     strategy = config.runtime.distributed
     accelerator = build_distributed_accelerator(
         runtime,
@@ -95,8 +149,7 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
         per_device_batch=config.train.batch_size,
         max_grad_norm=config.optim.max_grad_norm,
     )
-    if accelerator.is_main_process:
-        write_resolved_config(config, output_dir)
+    record_run(config, accelerator, output_dir)
 
     model, processor, family = load_qwenvl(
         model_path,
@@ -107,23 +160,54 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
         revision=config.model.revision,
     )
     set_pixel_bounds(processor, min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
+    video = video_sampling_of(
+        processor,
+        config.data.video_fps,
+        config.data.video_min_frames,
+        config.data.video_max_frames,
+        config.data.video_max_pixels,
+    )
     apply_fast_paths(model, family, runtime.device_type, config.model)
 
     lora = config.lora
-    targets = lora_target_modules(model, family, lora.targets or DEFAULT_TARGETS)
-    peft_model = add_lora(model, targets, lora.rank, lora.alpha, lora.dropout, lora.init, lora.use_rslora)
+    groups = lora.targets or DEFAULT_TARGETS
+    peft_model = add_lora(
+        model,
+        lora_target_modules(model, family, groups),
+        lora.rank,
+        lora.alpha,
+        lora.dropout,
+        lora.init,
+        lora.use_rslora,
+        target_parameters=lora_target_parameters(model, family, groups),
+        variant=lora.variant,
+    )
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(peft_model)
 
     held_out = held_out_indices(len(conversations), config.data.validation_fraction, config.train.seed)
-    train_conversations = conversations.select(i for i in range(len(conversations)) if i not in held_out)
-    validation_conversations = conversations.select(sorted(held_out))
-    lengths = [token_length(processor, conversation) for conversation in train_conversations]
+    # The thinking policy applied, and one sample per reply where the template rewrites earlier turns;
+    # held-out conversations are split after the hold-out, so no conversation is in both sets.
+    print(describe_policy(config.data.thinking))
+    train_conversations = TrainingSamples.build(
+        processor,
+        conversations.select(i for i in range(len(conversations)) if i not in held_out),
+        config.data.thinking,
+    )
+    validation_conversations = TrainingSamples.build(
+        processor, conversations.select(sorted(held_out)), config.data.thinking
+    )
+    lengths = [token_length(processor, conversation, video) for conversation in train_conversations]
     train_conversations, lengths = drop_overlong(
         train_conversations, lengths, config.data.max_length, config.data.overlength
     )
+    media = {
+        "background": config.data.background,
+        "max_image_pixels": config.data.max_image_pixels,
+        "video": video,
+    }
     dataset = EncodedConversations(
-        processor, train_conversations, config.data.max_length, config.data.overlength
+        processor, train_conversations, config.data.max_length, config.data.overlength, **media
     )
     groups = (
         length_groups(lengths, config.train.batch_size) if config.data.group_by_length else [0] * len(lengths)
@@ -143,12 +227,18 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
         else functools.partial(collate_vl, pad_token_id=pad_token_id, padding_side="right")
     )
     validation_batches = validation_batches_of(
-        processor, validation_conversations, config.data.max_length, config.train.batch_size, collate
+        processor,
+        validation_conversations,
+        config.data.max_length,
+        config.train.batch_size,
+        collate,
+        **media,
     )
 
     settings = settings_from_config(config, len(batch_sampler), accelerator.num_processes)
-    trainable = [param for param in peft_model.parameters() if param.requires_grad]
     optim = config.optim
+    trainable = lora_parameter_groups(peft_model, family, optim.lr, lora.lr_vision, lora.lr_merger)
+    accelerator.print(describe_parameter_groups(trainable))
     optimizer = build_optimizer(
         optim.name, trainable, optim.lr, optim.weight_decay, optim.betas, optim.eps, runtime.device_type
     )
@@ -169,13 +259,33 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
         sample_fn=None
         if strategy in ("zero3", "fsdp")
         else functools.partial(
-            write_sample_answers, peft_model, processor, train_conversations[:SAMPLE_PROMPTS], accelerator
+            write_sample_answers,
+            peft_model,
+            processor,
+            train_conversations[:SAMPLE_PROMPTS],
+            accelerator,
+            **media,
         ),
         validation_batches=validation_batches,
+        # output.eval_data: scored as `tuner eval qwenvl` scores (refused with zero3/fsdp in check_settings).
+        eval_fn=functools.partial(
+            score_during_training,
+            QwenVLAnswerer(peft_model, processor, family, accelerator.device),
+            eval_samples,
+            output_dir / "samples" / EVAL_ANSWERS,
+            accelerator.autocast,
+            {"background": config.data.background, "max_pixels": config.data.max_image_pixels},
+        )
+        if eval_samples
+        else None,
         num_workers=config.data.num_workers,
         batch_size_of=samples_in_batch,
+        loss_items_of=supervised_tokens,
     )
-    run_training(job, settings, accelerator, output_dir, resume)
+    try:
+        result = run_training(job, settings, accelerator, output_dir, resume)
+    finally:
+        finish_trackers(accelerator)  # also when training stops early
 
     accelerator.wait_for_everyone()
     # Under ZeRO-3/FSDP each process holds a shard: every process takes part in gathering the weights.
@@ -183,32 +293,79 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
     if accelerator.is_main_process:
         metadata = {"base_model": base_model, "family": family}
         save_adapter(peft_model, output_dir, processor, metadata, state_dict=full_weights)
+        write_serve_file(output_dir)
+        if result.ema_state:
+            # EMA is refused with ZeRO-3/FSDP (check_settings), so the model holds whole weights here.
+            with parameters_replaced(peft_model, result.ema_state):
+                save_adapter(
+                    peft_model,
+                    output_dir / EMA_ADAPTER_DIR,
+                    processor,
+                    {**metadata, "ema_decay": config.train.ema_decay},
+                )
     return output_dir
 
 
-def resolve_base_model(config: RunConfig) -> tuple[str, str]:
-    """(where to load the model from, the name recorded with the adapter)."""
-    requested = config.model.name_or_path
-    tiny = resolve_tiny_alias(requested, TASK)
-    if tiny is not None:
-        return resolve_model_path(requested, TASK), f"tiny-{tiny}"
-    hub = config.hub
-    return resolve_model_path(requested, TASK, hub.source, hub.offline, config.model.revision), requested
+def check_settings(config: RunConfig) -> None:
+    """Refuse what this recipe would not honour, before anything is written or loaded."""
+    refuse_unused_keys(config, TASK, UNUSED_KEYS)
+    check_evaluation_keys(config)
+    data = config.data
+    VideoSampling(
+        data.video_fps,
+        data.video_min_frames,
+        data.video_max_frames,
+        data.video_max_pixels,
+        data.min_pixels,
+        data.max_pixels,
+    ).check()
+    save_format = config.output.save_format
+    # The default means "the family's own format"; diffusers and kohya files are SDXL's.
+    if save_format not in ("peft", RunConfig().output.save_format):
+        raise ConfigError(
+            f"output.save_format={save_format!r} is an SDXL format; qwenvl-lora writes a PEFT adapter folder",
+            hint="set output.save_format to peft, or leave it out",
+        )
+    if config.output.eval_data and config.runtime.distributed in ("zero3", "fsdp"):
+        # Answers are generated on the main process alone, which holds only a shard of the weights.
+        raise ConfigError(
+            f"output.eval_data does not work with runtime.distributed={config.runtime.distributed}",
+            hint="evaluate the saved adapter with `tuner eval qwenvl`, or train with ddp or zero2",
+        )
+    if config.train.ema_decay is not None and config.runtime.distributed in ("zero3", "fsdp"):
+        # Each process holds a shard of the weights, so the average would be of shards, not of the adapter.
+        raise ConfigError(
+            f"train.ema_decay does not work with runtime.distributed={config.runtime.distributed}",
+            hint="leave train.ema_decay unset, or train with runtime.distributed ddp or zero2",
+        )
 
 
 def load_training_conversations(config: RunConfig) -> ConversationRecords:
-    """Every usable conversation; bad records stop the run unless `data.skip_bad` allows a few."""
+    """Every usable conversation; bad records stop the run unless `data.skip_bad` allows a few, and
+    duplicates are reported as warnings."""
     data = config.data
     path = resolve_tiny_dataset(data.path, TASK)
-    scan = load_conversations(path, data.image_root, check_images=True)
-    report = DataReport("qwenvl", str(path), len(scan.conversations), scan.problems, stats={}, histogram="")
-    admit_dataset(report, Path(config.output.dir), data.skip_bad, data.max_bad_fraction)
+    scan = load_conversations(
+        path, data.image_root, check_images=True, max_image_pixels=data.max_image_pixels
+    )
+    # Duplicates train (as kohya and diffusers would train them) but are worth a warning.
+    warnings = duplicate_conversations(scan.conversations)
+    report = DataReport(
+        "qwenvl", str(path), len(scan.conversations), scan.problems, stats={}, histogram="", warnings=warnings
+    )
+    admit_dataset(
+        report,
+        Path(config.output.dir),
+        data.skip_bad,
+        data.max_bad_fraction,
+        main_process=launched_rank() == 0,
+    )
     return scan.conversations
 
 
 def drop_overlong(
-    conversations: ConversationRecords, lengths: list[int], max_length: int, overlength: str
-) -> tuple[ConversationRecords, list[int]]:
+    conversations: ConversationRecords | TrainingSamples, lengths: list[int], max_length: int, overlength: str
+) -> tuple[ConversationRecords | TrainingSamples, list[int]]:
     """Drop conversations longer than `max_length` tokens (with `overlength: drop`), saying how many."""
     if overlength != "drop":
         return conversations, [min(length, max_length) for length in lengths]
@@ -218,7 +375,8 @@ def drop_overlong(
         raise DataError(
             f"all {len(conversations)} conversations are longer than data.max_length={max_length} tokens "
             f"(shortest: {min(lengths)})",
-            hint="raise data.max_length, lower data.max_pixels, or set data.overlength to truncate",
+            hint="raise data.max_length, lower data.max_pixels (videos: data.video_max_pixels), or set "
+            "data.overlength to truncate",
         )
     if dropped:
         print(
@@ -242,19 +400,30 @@ class EncodedConversations(torch.utils.data.Dataset):
     """Conversations encoded (images resized, tokens and labels built) when a batch asks for them."""
 
     def __init__(
-        self, processor, conversations: Sequence[Conversation], max_length: int, overlength: str
+        self,
+        processor,
+        conversations: Sequence[Conversation],
+        max_length: int,
+        overlength: str,
+        *,
+        background: tuple[int, int, int] = (255, 255, 255),
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        video: VideoSampling | None = None,
     ) -> None:
         self.processor = processor
         self.conversations = conversations
         self.max_length = max_length
         self.overlength = overlength
+        self.images = {"background": background, "max_image_pixels": max_image_pixels, "video": video}
 
     def __len__(self) -> int:
         return len(self.conversations)
 
     def __getitem__(self, index: int) -> EncodedSample:
         conversation = self.conversations[index]
-        sample = encode_conversation(self.processor, conversation, self.max_length, self.overlength)
+        sample = encode_conversation(
+            self.processor, conversation, self.max_length, self.overlength, **self.images
+        )
         if sample is None:
             # Lengths were measured before training; only a file changed mid-run gets here.
             raise DataError(
@@ -265,11 +434,20 @@ class EncodedConversations(torch.utils.data.Dataset):
 
 
 def validation_batches_of(
-    processor, conversations: Sequence[Conversation], max_length: int, batch_size: int, collate
+    processor,
+    conversations: Sequence[Conversation],
+    max_length: int,
+    batch_size: int,
+    collate,
+    *,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    video: VideoSampling | None = None,
 ) -> list[dict] | None:
     if not conversations:
         return None
-    samples = [encode_conversation(processor, c, max_length, "truncate") for c in conversations]
+    images = {"background": background, "max_image_pixels": max_image_pixels, "video": video}
+    samples = [encode_conversation(processor, c, max_length, "truncate", **images) for c in conversations]
     samples = [sample for sample in samples if sample is not None]
     return [collate(samples[start : start + batch_size]) for start in range(0, len(samples), batch_size)]
 
@@ -280,23 +458,25 @@ def causal_lm_loss(
     dummy_image: dict | None = None,
     rope_index: RopeIndex | None = None,
 ) -> torch.Tensor:
-    """The model's own shifted cross-entropy, averaged over the batch's supervised tokens.
+    """The model's own shifted cross-entropy, summed over the batch's supervised tokens.
 
     A packed batch (`data.packing`) gets its per-sample position ids from `rope_index`, the model's
     own M-RoPE function (see `packed_model_inputs`).
 
-    A batch without images skips the vision tower. In a multi-process run another process's batch may
-    have one, and then the processes disagree on which weights take part in the step: DDP waits forever
-    for the vision LoRA gradients, ZeRO-3/FSDP for the vision weights' all-gather. So a text-only batch
-    also runs `dummy_image` (see `dummy_image_inputs`) through the vision tower, times zero: every
-    process runs the same modules, and the loss and gradients do not change.
+    A batch without images or videos skips the vision tower. In a multi-process run another process's
+    batch may have one, and then the processes disagree on which weights take part in the step: DDP
+    waits forever for the vision LoRA gradients, ZeRO-3/FSDP for the vision weights' all-gather. So a
+    text-only batch also runs `dummy_image` (see `dummy_image_inputs`) through the vision tower, times
+    zero: every process runs the same modules, and the loss and gradients do not change.
     """
     if SAMPLE_LENGTHS in batch:
         if rope_index is None:
             raise ConfigError("a packed batch needs the model's rope_index to place its samples")
         batch = packed_model_inputs(batch, rope_index)
-    loss = model(**{**batch, "use_cache": False}).loss
-    if dummy_image is not None and "pixel_values" not in batch:
+    # num_items_in_batch=1: transformers then sums the token losses (and divides by 1); the loop
+    # divides by the supervised tokens of the whole step (`supervised_tokens`).
+    loss = model(**{**batch, "use_cache": False, "num_items_in_batch": 1}).loss
+    if dummy_image is not None and "pixel_values" not in batch and "pixel_values_videos" not in batch:
         # DDP / DeepSpeed wrap the PEFT model in `.module`; PEFT forwards the call to the base model.
         inner = model.module if isinstance(getattr(model, "module", None), torch.nn.Module) else model
         device = batch["input_ids"].device
@@ -306,6 +486,11 @@ def causal_lm_loss(
         )
         loss = loss + 0.0 * sum(tensor.float().sum() for tensor in _float_tensors(features))
     return loss
+
+
+def supervised_tokens(batch: dict) -> int:
+    """The tokens a batch's loss is taken on: labels other than -100 after the causal shift."""
+    return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
 
 
 def dummy_image_inputs(processor) -> dict[str, torch.Tensor]:
@@ -333,6 +518,10 @@ def write_sample_answers(
     accelerator,
     step: int,
     samples_dir: Path,
+    *,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    video: VideoSampling | None = None,
 ) -> None:
     """Greedy answers to the first user turns of a few training conversations, appended to answers.jsonl.
 
@@ -341,14 +530,17 @@ def write_sample_answers(
     device = next(peft_model.parameters()).device
     records = []
     for conversation in conversations:
+        conversation = write_boxes(processor, conversation)
         answer_at = next(i for i, m in enumerate(conversation.messages) if m["role"] == "assistant")
         prompt_messages = conversation.messages[:answer_at]
-        images_in_prompt = sum(
-            1 for m in prompt_messages for part in m["content"] if part.get("type") == "image"
-        )
-        images = [load_image_rgb(path) for path in conversation.images[:images_in_prompt]]
+        parts = [part.get("type") for m in prompt_messages for part in m["content"]]
+        images = [
+            load_image_rgb(path, background, max_image_pixels)
+            for path in conversation.images[: parts.count("image")]
+        ]
+        videos = video_inputs(processor, conversation.videos[: parts.count("video")], video)
         text = processor.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-        inputs = processor(text=[text], images=images or None, return_tensors="pt").to(device)
+        inputs = processor(text=[text], images=images or None, **videos, return_tensors="pt").to(device)
         with accelerator.autocast():
             generated = peft_model.generate(
                 **inputs, max_new_tokens=SAMPLE_MAX_NEW_TOKENS, do_sample=False, use_cache=True
@@ -366,6 +558,7 @@ def write_sample_answers(
     with open(Path(samples_dir) / "answers.jsonl", "a", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    log_sample_answers(accelerator, step, records)
 
 
 def _text_of(message: dict) -> str:

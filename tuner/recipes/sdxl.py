@@ -11,31 +11,33 @@ v-prediction target, optional min-SNR weighting (see `tuner.models.sdxl_loss`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
+import json
+import math
 import random
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
 import tuner
-from tuner.config.load import write_resolved_config
+from tuner.config.keys import check_evaluation_keys, refuse_unused_keys
 from tuner.config.schema import DataConfig, LoraConfig, RunConfig
 from tuner.data.buckets import CropPlan, bucket_histogram, nearest_bucket, plan_crop, sdxl_buckets
-from tuner.data.captions import CaptionedImage, scan_caption_dataset
+from tuner.data.captions import CaptionedImage, scan_caption_dataset, tag_frequency
 from tuner.data.check import DataReport
 from tuner.data.sampling import GroupedBatchSampler, split_validation
-from tuner.distributed import PerSampleSeeds
+from tuner.distributed import PerSampleSeeds, launched_rank
 from tuner.errors import ConfigError
 from tuner.models.sdxl import SDXLComponents, load_sdxl
 from tuner.models.sdxl_cache import build_sdxl_dataset, collate_sdxl, model_fingerprint
 from tuner.models.sdxl_lora import (
     ADAPTER_FILE,
     EMA_ADAPTER_FILE,
+    KOHYA_ADAPTER_FILE,
     TEXT_ENCODER_TARGETS,
     add_lora,
     lora_config,
@@ -43,51 +45,78 @@ from tuner.models.sdxl_lora import (
     unet_target_modules,
 )
 from tuner.models.sdxl_loss import SDXLLoraModel, noise_settings
+from tuner.models.sdxl_merge import base_weights_of
 from tuner.models.sdxl_sampling import EncodedPrompt, encode_sample_prompts, sample_images
+from tuner.recipes.common import open_output_folder, record_run, resolve_base_model
 from tuner.runtime.device import (
     build_accelerator,
     configure_unet_attention,
     release_host_memory,
     resolve_runtime,
+    set_cpu_threads,
 )
-from tuner.tiny import resolve_model_path, resolve_tiny_alias
 from tuner.tiny.datasets import resolve_tiny_dataset
 from tuner.training.bad_data import admit_dataset
+from tuner.training.ema import parameters_replaced
 from tuner.training.loop import TrainingJob, run_training, settings_from_config
 from tuner.training.optim import build_lr_scheduler, build_optimizer
-from tuner.training.outputs import prepare_output_folder
+from tuner.training.trackers import finish_trackers, log_sample_images
 
 TASK = "sdxl-lora"
 # Without sample prompts, the first few distinct training captions are sampled.
 DEFAULT_SAMPLE_PROMPTS = 2
+# Keys this recipe does not read (Qwen-VL's): refused unless left at their defaults. The UNet LoRA and
+# its optimizer state are small, so processes share the model by plain data parallel (runtime.distributed
+# ZeRO/FSDP are Qwen-VL's); the UNet's attention kernel follows the device (configure_unet_attention).
+UNUSED_KEYS = (
+    "model.trust_remote_code",
+    "model.attention",
+    "model.linear_patch_embed",
+    "model.npu_fused_kernels",
+    "model.liger_kernels",
+    "data.image_root",
+    "data.max_pixels",
+    "data.min_pixels",
+    "data.max_length",
+    "data.overlength",
+    "data.group_by_length",
+    "data.packing",
+    "data.thinking",
+    "data.video_fps",
+    "data.video_min_frames",
+    "data.video_max_frames",
+    "data.video_max_pixels",
+    "lora.lr_vision",
+    "lora.lr_merger",
+    "runtime.distributed",
+    # Scoring during training is Qwen-VL's (answers against references); SDXL adapters are compared
+    # afterwards with `tuner eval sdxl` (prompt x seed grids, CLIP score).
+    "output.eval_data",
+    "output.eval_every",
+)
+# PEFT's folder layout is Qwen-VL's; SDXL writes diffusers and kohya files.
+SAVE_FORMATS = ("diffusers", "kohya", "both")
 
 
 def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     """Train a LoRA adapter on SDXL as `config` says; returns the output folder."""
-    if not config.output.dir or not config.data.path:
+    refuse_unused_keys(config, TASK, UNUSED_KEYS)
+    check_evaluation_keys(config)  # output.keep_best: validation_loss
+    if config.output.save_format not in SAVE_FORMATS:
         raise ConfigError(
-            "sdxl-lora needs output.dir and data.path", hint="pass --output DIR and --data PATH"
+            f"output.save_format={config.output.save_format!r} is not an SDXL format",
+            hint=f"use one of {', '.join(SAVE_FORMATS)} (peft is Qwen-VL's adapter folder)",
         )
-    output_dir = Path(config.output.dir)
-    for note in prepare_output_folder(
-        output_dir, config.model_dump(mode="json"), resume, config.output.overwrite
-    ):
-        print(note)
+    output_dir = open_output_folder(config, TASK, resume)
     # The data is checked before any model loads: a refusal costs seconds, not a model load.
     samples = load_training_samples(config)
     set_seed(config.train.seed)
-    model_path, base_model = resolve_base_model(config)
+    model_path, base_model = resolve_base_model(config, TASK)
 
     runtime = resolve_runtime(config.runtime.device, config.runtime.mixed_precision, config.runtime.devices)
-    # The UNet LoRA and its optimizer state are small: plain data parallel (ZeRO/FSDP are Qwen-VL's).
-    if config.runtime.distributed != "ddp":
-        raise ConfigError(
-            f"sdxl-lora runs with runtime.distributed=ddp only, not {config.runtime.distributed!r}",
-            hint="remove runtime.distributed (or set it to ddp) for SDXL",
-        )
+    set_cpu_threads(config.runtime.num_threads)
     accelerator = build_accelerator(runtime, config.train.grad_accum, output_dir)
-    if accelerator.is_main_process:
-        write_resolved_config(config, output_dir)
+    record_run(config, accelerator, output_dir)
 
     train_samples, validation_samples = split_validation(
         samples, config.data.validation_fraction, config.train.seed
@@ -197,23 +226,38 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
         collate_fn=collate_sdxl,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        sample_fn=functools.partial(write_sample_grid, components, prompts, config, accelerator),
+        sample_fn=functools.partial(
+            write_sample_grid, components, prompts, config, accelerator, settings.prediction_type
+        ),
         validation_batches=validation_batches,
         num_workers=config.data.num_workers,
         batch_size_of=lambda batch: batch["time_ids"].shape[0],
     )
-    result = run_training(
-        job, settings=loop_settings, accelerator=accelerator, output_dir=output_dir, resume=resume
-    )
+    try:
+        result = run_training(
+            job, settings=loop_settings, accelerator=accelerator, output_dir=output_dir, resume=resume
+        )
+    finally:
+        finish_trackers(accelerator)  # also when training stops early
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        metadata = adapter_metadata(config, base_model, train_samples, result.step)
+        epochs = math.ceil(result.step / steps_per_epoch(len(batch_sampler), config, accelerator))
+        metadata = adapter_metadata(
+            config, base_model, train_samples, result.step, epochs, settings.prediction_type
+        )
         adapter_file = save_adapters(components, output_dir, ADAPTER_FILE, metadata)
         if config.output.save_format in ("kohya", "both"):
             from tuner.formats.kohya import export_kohya
 
-            export_kohya(adapter_file, output_dir / f"{output_dir.name}_kohya.safetensors")
+            # Named after this UNet's own layout, whatever the base.
+            export_kohya(
+                adapter_file,
+                output_dir / KOHYA_ADAPTER_FILE,
+                dict(components.unet.config),
+                title=output_dir.name,
+                base_weight=base_weights_of(components),
+            )
             if config.output.save_format == "kohya":
                 adapter_file.unlink()
         if result.ema_state:
@@ -227,19 +271,15 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     return output_dir
 
 
+def steps_per_epoch(batches_per_epoch: int, config: RunConfig, accelerator) -> int:
+    """Optimizer steps per epoch, as `settings_from_config` counts them (each process takes its share
+    of the batches, an epoch ends with a step even when fewer than grad_accum batches are left)."""
+    return math.ceil(math.ceil(batches_per_epoch / accelerator.num_processes) / config.train.grad_accum)
+
+
 def batch_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """The diffusion loss of one batch: `SDXLLoraModel.forward`, called through any wrapper the loop adds."""
     return model(batch)
-
-
-def resolve_base_model(config: RunConfig) -> tuple[str, str]:
-    """(where to load the model from, the name recorded with the adapter)."""
-    requested = config.model.name_or_path
-    tiny = resolve_tiny_alias(requested, TASK)
-    if tiny is not None:
-        return resolve_model_path(requested, TASK), f"tiny-{tiny}"
-    hub = config.hub
-    return resolve_model_path(requested, TASK, hub.source, hub.offline, config.model.revision), requested
 
 
 def load_training_samples(config: RunConfig) -> list[CaptionedImage]:
@@ -249,8 +289,16 @@ def load_training_samples(config: RunConfig) -> list[CaptionedImage]:
     scan = scan_caption_dataset(
         path, data.image_column, data.caption_column, check_images=True, max_pixels=data.max_image_pixels
     )
-    report = DataReport("sdxl", str(path), len(scan.samples), scan.problems, stats={}, histogram="")
-    admit_dataset(report, Path(config.output.dir), data.skip_bad, data.max_bad_fraction)
+    report = DataReport(
+        "sdxl", str(path), len(scan.samples), scan.problems, stats={}, histogram="", warnings=scan.warnings
+    )
+    admit_dataset(
+        report,
+        Path(config.output.dir),
+        data.skip_bad,
+        data.max_bad_fraction,
+        main_process=launched_rank() == 0,
+    )
     return scan.samples
 
 
@@ -280,6 +328,7 @@ def setup_lora(components: SDXLComponents, lora: LoraConfig, lr: float) -> list[
         "dropout": lora.dropout,
         "init": lora.init,
         "use_rslora": lora.use_rslora,
+        "variant": lora.variant,
     }
     groups = [
         {"params": add_lora(components.unet, lora_config(unet_target_modules(lora.targets), **options))}
@@ -372,10 +421,12 @@ def write_sample_grid(
     prompts: Sequence[str | EncodedPrompt],
     config: RunConfig,
     accelerator,
+    prediction_type: str,
     step: int,
     samples_dir: Path,
 ) -> None:
-    """`samples_dir/step-NNNNNN.png`: one row per prompt, at the training resolution, seeded by train.seed."""
+    """`samples_dir/step-NNNNNN.png`: one row per prompt, at the training resolution, seeded by train.seed,
+    sampled for the `prediction_type` the run trains."""
     if not accelerator.is_main_process:
         return
     resolution = config.data.resolution
@@ -388,21 +439,40 @@ def write_sample_grid(
             (resolution, resolution),
             Path(samples_dir) / f"step-{step:06d}.png",
             device=accelerator.device,
+            prediction_type=prediction_type,
         )
+    log_sample_images(accelerator, step, [Path(samples_dir) / f"step-{step:06d}.png"])
 
 
 def adapter_metadata(
-    config: RunConfig, base_model: str, samples: Sequence[CaptionedImage], steps: int
+    config: RunConfig,
+    base_model: str,
+    samples: Sequence[CaptionedImage],
+    steps: int,
+    epochs: int,
+    prediction_type: str,
 ) -> dict:
-    """What the adapter file records about its run (safetensors header, `tuner.*` keys)."""
+    """What the adapter file records about its run (safetensors header, `tuner.*` keys; the kohya export
+    turns them into the `ss_*` / `modelspec.*` keys ComfyUI, A1111 and Forge show).
+
+    `prediction_type` is the resolved one (never `auto`): `tuner infer sdxl` configures its scheduler
+    from it, as the sample grids do. It is the only scheduler setting training changes.
+    """
     lora = config.lora
     return {
         "base_model": base_model,
+        "prediction_type": prediction_type,
         "rank": lora.rank,
         "alpha": lora.alpha,
+        "variant": lora.variant,
         "targets": "+".join(lora.targets or ["attention"]),
         "text_encoder": lora.text_encoder,
         "steps": steps,
+        "epochs": epochs,
+        "resolution": config.data.resolution,
+        "caption_prefix": config.data.caption_prefix,
+        "images": len(samples),
+        "tag_frequency": json.dumps(tag_frequency(list(samples)), ensure_ascii=False),
         "dataset_hash": dataset_hash(samples),
         "tuner_version": tuner.__version__,
     }
@@ -431,19 +501,3 @@ def save_adapters(components: SDXLComponents, output_dir: Path, weight_name: str
         weight_name=weight_name,
         training_metadata=metadata,
     )
-
-
-@contextlib.contextmanager
-def parameters_replaced(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily load `state` (e.g. EMA weights, keyed by parameter name) into `model`'s parameters."""
-    parameters = dict(model.named_parameters())
-    saved = {name: parameters[name].detach().clone() for name in state}
-    with torch.no_grad():
-        for name, value in state.items():
-            parameters[name].copy_(value)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                parameters[name].copy_(value)

@@ -176,6 +176,13 @@ def resolve_runtime(
     return runtime
 
 
+def set_cpu_threads(num_threads: int | None) -> None:
+    """`runtime.num_threads`: torch's CPU threads per process (CPU training, data preparation on the CPU);
+    None keeps torch's default (one per core). Several processes on one machine each take this many."""
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+
+
 def build_accelerator(
     runtime: Runtime, grad_accum: int = 1, project_dir: Path | None = None, log_with: str | None = None
 ) -> accelerate.Accelerator:
@@ -225,3 +232,22 @@ def release_host_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# Device types whose RNG state accelerate 1.15's save_state keeps (checkpointing.py saves the CPU,
+# CUDA and XPU generators); for any other device the loop saves it itself.
+_RNG_SAVED_BY_ACCELERATE = ("cpu", "cuda", "xpu")
+
+
+def device_rng_state(device: torch.device) -> list[torch.Tensor] | None:
+    """The RNG states of every device of `device`'s type that Accelerate does not save (NPU), else None.
+
+    Without them a resumed run on Ascend draws other dropout masks than the uninterrupted one did.
+    """
+    if device.type in _RNG_SAVED_BY_ACCELERATE:
+        return None
+    return torch.get_device_module(device.type).get_rng_state_all()
+
+
+def restore_device_rng_state(device: torch.device, states: list[torch.Tensor]) -> None:
+    torch.get_device_module(device.type).set_rng_state_all(states)

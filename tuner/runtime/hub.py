@@ -6,14 +6,28 @@ import os
 import sys
 from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from tuner.errors import ConfigError, ModelError
+from tuner.errors import ConfigError, HubError, ModelError
+from tuner.runtime.tls import (
+    certificate_failure,
+    exception_chain,
+    hub_trust_store,
+    presented_chain,
+    proxy_for,
+    requests_trust_store,
+)
 
 PEM_CERTIFICATE_MARKER = "-----BEGIN CERTIFICATE-----"
 # httpx (huggingface_hub 2.x uses its fork httpx2) reads SSL_CERT_FILE; requests and curl-based tools
 # read the other two. All three point at the same bundle so every client in the process agrees.
 CA_BUNDLE_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+DEFAULT_ENDPOINT = "https://huggingface.co"
+CERTIFICATE_HINT = (
+    "pass the CA certificate of your proxy or mirror (PEM) with --ca-bundle FILE or TUNER_CA_BUNDLE=FILE; "
+    "`tuner env --check-hub` shows the chain; see docs/runtime.md, 'TLS certificate errors'"
+)
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 INSECURE_WARNING = (
     "TLS certificate verification is OFF for model hub downloads (--insecure-skip-tls-verify). "
@@ -28,6 +42,7 @@ def apply_hub_settings(
     offline: bool = False,
     insecure_skip_tls_verify: bool = False,
     env: MutableMapping[str, str] = os.environ,
+    cache_dir: str | None = None,
 ) -> list[str]:
     """Apply hub settings to `env` (and to huggingface_hub if already imported); return warnings to print.
 
@@ -44,12 +59,6 @@ def apply_hub_settings(
         bundle = _checked_ca_bundle(ca_bundle)
         for name in CA_BUNDLE_VARIABLES:
             env[name] = str(bundle)
-        if "huggingface_hub" in sys.modules:
-            from huggingface_hub import close_session
-
-            # The shared client builds its SSL context once; closing it makes the next request
-            # build a new one that reads SSL_CERT_FILE.
-            close_session()
     else:
         blank = [name for name in ("CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE") if env.get(name) == ""]
         if blank:
@@ -71,10 +80,26 @@ def apply_hub_settings(
             # datasets 5.2 keeps its own import-time copy of the flag.
             datasets.config.HF_HUB_OFFLINE = True
             datasets.config.HF_DATASETS_OFFLINE = True
+    if cache_dir is not None:
+        _apply_cache_dir(cache_dir, env)
     if insecure_skip_tls_verify:
-        install_insecure_hub_client()
         warnings.append(INSECURE_WARNING)
+    # Last: it imports huggingface_hub, which must see the variables set above, and it closes the
+    # shared client, whose SSL context (built once) would not see a new SSL_CERT_FILE.
+    install_hub_client(verify=not insecure_skip_tls_verify)
     return warnings
+
+
+def _apply_cache_dir(cache_dir: str, env: MutableMapping[str, str]) -> None:
+    """`hub.cache_dir`: where downloaded models go (Hugging Face and ModelScope alike)."""
+    folder = str(Path(cache_dir).expanduser())
+    env["HF_HUB_CACHE"] = folder
+    env["MODELSCOPE_CACHE"] = folder
+    if "huggingface_hub.constants" in sys.modules:
+        from huggingface_hub import constants
+
+        # huggingface_hub 2.4 reads HF_HUB_CACHE into this constant at import; downloads read it per call.
+        constants.HF_HUB_CACHE = folder
 
 
 def _apply_endpoint(endpoint: str, env: MutableMapping[str, str]) -> None:
@@ -119,26 +144,103 @@ def _checked_ca_bundle(ca_bundle: str) -> Path:
     return path
 
 
-def install_insecure_hub_client() -> None:
-    """Make huggingface_hub's own HTTP clients skip certificate checks; nothing else in the process."""
+def install_hub_client(verify: bool = True) -> None:
+    """Make huggingface_hub's HTTP clients stop at the first certificate failure (and, with
+    `verify=False`, skip certificate checks); nothing else in the process is affected."""
     import httpx2
     from huggingface_hub import set_async_client_factory, set_client_factory
     from huggingface_hub.utils._http import default_async_client_factory, default_client_factory
 
+    # huggingface_hub 2.4 retries a failed connection 5 times with back-off (~25 s) because httpx2
+    # reports a certificate failure as a ConnectError, a NetworkError. Raising HubError instead,
+    # which is none of the types its http_backoff retries, stops at once and names the fix.
+    # Overriding send() (not the transport) keeps the proxy transports httpx2 mounts from the env.
+    class FailFastClient(httpx2.Client):
+        def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
+            try:
+                return super().send(request, **kwargs)
+            except httpx2.ConnectError as error:
+                hub_error = _hub_certificate_error(error, str(request.url))
+                if hub_error is None:
+                    raise
+                raise hub_error from error
+
+    class FailFastAsyncClient(httpx2.AsyncClient):
+        async def send(self, request: httpx2.Request, **kwargs: Any) -> httpx2.Response:
+            try:
+                return await super().send(request, **kwargs)
+            except httpx2.ConnectError as error:
+                hub_error = _hub_certificate_error(error, str(request.url))
+                if hub_error is None:
+                    raise
+                raise hub_error from error
+
     # huggingface_hub 2.4 has no verify option; copying the default client's event hooks keeps what
-    # they do (offline-mode refusal, request ids, error bodies) on the insecure client.
-    def insecure_client() -> httpx2.Client:
+    # they do (offline-mode refusal, request ids, error bodies).
+    def client() -> httpx2.Client:
         with default_client_factory() as default:
             hooks = default.event_hooks
-        return httpx2.Client(event_hooks=hooks, follow_redirects=True, timeout=None, verify=False)
+        return FailFastClient(event_hooks=hooks, follow_redirects=True, timeout=None, verify=verify)
 
-    def insecure_async_client() -> httpx2.AsyncClient:
-        default = default_async_client_factory()
-        hooks = default.event_hooks
-        return httpx2.AsyncClient(event_hooks=hooks, follow_redirects=True, timeout=None, verify=False)
+    def async_client() -> httpx2.AsyncClient:
+        hooks = default_async_client_factory().event_hooks
+        return FailFastAsyncClient(event_hooks=hooks, follow_redirects=True, timeout=None, verify=verify)
 
-    set_client_factory(insecure_client)
-    set_async_client_factory(insecure_async_client)
+    set_client_factory(client)
+    set_async_client_factory(async_client)
+
+
+def _hub_certificate_error(error: Exception, url: str) -> HubError | None:
+    failure = certificate_failure(error)
+    return None if failure is None else certificate_error(failure.reason, url, "hub")
+
+
+def certificate_error(reason: str, url: str, client: str) -> HubError:
+    """The error for a server certificate nothing trusts: the host, OpenSSL's reason, the certificate the
+    server presented (fetched again without verification, to name its issuer) and the trust store used.
+
+    `client` is "hub" (huggingface_hub's httpx2) or "requests" (ModelScope), whose trust stores differ.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or url, parts.port or 443
+    trust, _ = hub_trust_store() if client == "hub" else requests_trust_store()
+    try:
+        chain = presented_chain(host, port, proxy_for(url))
+    except ImportError:
+        presented = "; install the cryptography package to see the certificate it presented"
+    except OSError as error:
+        presented = f"; its certificate could not be fetched again: {error}"
+    else:
+        presented = ""
+        if chain:
+            leaf, anchor = chain[0], chain[-1].issuer  # the CA the user has to trust
+            presented = f"; it presented {leaf.subject!r} issued by {leaf.issuer!r}"
+            if anchor != leaf.issuer:
+                presented += f", a chain that ends at {anchor!r}"
+    return HubError(
+        f"the TLS certificate of {host}:{port} is not trusted ({reason}){presented}; checked against {trust}",
+        hint=CERTIFICATE_HINT,
+    )
+
+
+def hub_error_from(error: BaseException) -> HubError | None:
+    """The HubError for a certificate failure inside `error`, however a library wrapped it (transformers'
+    "We couldn't connect", a ModelScope or datasets error, tuner's own ModelError); None for any other
+    error, and for a HubError, which already says it all."""
+    if isinstance(error, HubError):
+        return None
+    for item in exception_chain(error):
+        if isinstance(item, HubError):  # raised by the hub client, then wrapped by a library
+            return HubError(item.message, item.hint)
+    failure = certificate_failure(error)
+    if failure is None:
+        return None
+    url = failure.url or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+    # requests and urllib3 (ModelScope) verify against certifi; huggingface_hub's httpx2 does not.
+    via_requests = any(
+        type(item).__module__.split(".")[0] in ("requests", "urllib3") for item in exception_chain(error)
+    )
+    return certificate_error(failure.reason, url, "requests" if via_requests else "hub")
 
 
 def _looks_like_local_path(name_or_path: str) -> bool:

@@ -1,4 +1,4 @@
-"""Tiny random SDXL and Qwen2/2.5/3-VL models with the real structure, for tests and `--model tiny`.
+"""Tiny random SDXL and Qwen-VL models with the real structure, for tests and `--model tiny`.
 
 Each model is built once with a fixed seed, saved with `save_pretrained` and loaded back through the
 ordinary `from_pretrained` path, so code that works on a tiny model works on the real one.
@@ -15,7 +15,16 @@ from pathlib import Path
 
 from tuner.errors import ModelError
 
-TINY_MODELS: tuple[str, ...] = ("sdxl", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+TINY_MODELS: tuple[str, ...] = (
+    "sdxl",
+    "qwen2-vl",
+    "qwen2.5-vl",
+    "qwen3-vl",
+    "qwen3-vl-thinking",
+    "qwen3-vl-moe",
+)
+# Tiny helper models no training task uses: `build_tiny("clip")` is the CLIP that scores SDXL evals in tests.
+TINY_HELPERS: tuple[str, ...] = ("clip",)
 
 # The tiny family `tiny` means for each task.
 _DEFAULT_FOR_TASK = {"sdxl-lora": "sdxl", "qwenvl-lora": "qwen2.5-vl"}
@@ -71,13 +80,17 @@ def _builder(name: str) -> tuple[Callable[[Path], None], int]:
         from tuner.tiny import sdxl
 
         return sdxl.build, sdxl.BUILDER_VERSION
+    if name == "clip":
+        from tuner.tiny import clip
+
+        return clip.build, clip.BUILDER_VERSION
     if name in TINY_MODELS:
         from tuner.tiny import qwenvl
 
         return (lambda folder: qwenvl.build(name, folder)), qwenvl.BUILDER_VERSION
     raise ModelError(
         f"unknown tiny model {name!r}",
-        hint=f"use one of: {', '.join(TINY_MODELS)}",
+        hint=f"use one of: {', '.join(TINY_MODELS + TINY_HELPERS)}",
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 # (colour name, RGB, shape, width, height): mixed aspect ratios so bucketing has work to do.
 _SHAPES = [
     ("red", (220, 30, 30), "square", 96, 96),
@@ -26,6 +26,16 @@ _SHAPES = [
     ("red", (220, 30, 30), "circle", 112, 80),
     ("blue", (30, 60, 220), "square", 80, 112),
 ]
+# Held-out Qwen-VL questions: colour and shape pairs the training set does not show. In a folder of their
+# own, because a data folder trains on every JSON/JSONL file directly inside it.
+_HELD_OUT_SHAPES = [
+    ("green", (30, 180, 60), "square", 96, 96),
+    ("yellow", (230, 210, 40), "circle", 96, 96),
+    ("purple", (140, 40, 180), "triangle", 96, 96),
+    ("orange", (240, 140, 20), "square", 96, 96),
+]
+HELD_OUT = "held-out"
+EVAL_FILE = "eval.jsonl"
 
 
 def resolve_tiny_dataset(path: str, task: str, root: Path | None = None) -> str:
@@ -34,6 +44,11 @@ def resolve_tiny_dataset(path: str, task: str, root: Path | None = None) -> str:
         return path
     kind = "sdxl" if task == "sdxl-lora" else "qwenvl"
     return str(build_tiny_dataset(kind, root))
+
+
+def resolve_tiny_eval_set(path: str, root: Path | None = None) -> str:
+    """`tiny` -> the held-out questions of the generated Qwen-VL dataset; any other path as is."""
+    return str(build_tiny_dataset("qwenvl", root) / HELD_OUT / EVAL_FILE) if path == "tiny" else path
 
 
 def build_tiny_dataset(kind: str, root: Path | None = None) -> Path:
@@ -79,10 +94,10 @@ def _write_sdxl(folder: Path) -> None:
         (folder / f"{stem}.txt").write_text(f"a {name} {shape}, plain background\n", encoding="utf-8")
 
 
-def _write_qwenvl(folder: Path) -> None:
-    (folder / "images").mkdir()
+def _shape_questions(folder: Path, shapes: list) -> list[dict]:
+    (folder / "images").mkdir(parents=True)
     records = []
-    for index, (name, colour, shape, width, height) in enumerate(_SHAPES):
+    for index, (name, colour, shape, width, height) in enumerate(shapes):
         image_name = f"images/{index:02d}-{name}-{shape}.png"
         draw_shape(colour, shape, width, height).save(folder / image_name)
         records.append(
@@ -94,6 +109,11 @@ def _write_qwenvl(folder: Path) -> None:
                 "images": [image_name],
             }
         )
+    return records
+
+
+def _write_qwenvl(folder: Path) -> None:
+    records = _shape_questions(folder, _SHAPES)
     # A text-only sample and a multi-turn one, so both paths are exercised by the demo.
     records.append(
         {
@@ -117,4 +137,9 @@ def _write_qwenvl(folder: Path) -> None:
     )
     with open(folder / "train.jsonl", "w", encoding="utf-8") as handle:
         for record in records:
+            handle.write(json.dumps(record) + "\n")
+    held_out = folder / HELD_OUT
+    held_out_records = _shape_questions(held_out, _HELD_OUT_SHAPES)
+    with open(held_out / EVAL_FILE, "w", encoding="utf-8") as handle:
+        for record in held_out_records:
             handle.write(json.dumps(record) + "\n")

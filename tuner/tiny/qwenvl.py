@@ -1,4 +1,4 @@
-"""Tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL models with the real structure, saved as ordinary folders.
+"""Tiny random Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE models, saved as ordinary folders.
 
 Each folder holds the model (safetensors), a generation config and a processor (byte-level BPE tokenizer
 with the real Qwen special tokens, image processor, video processor, the family's chat template), all
@@ -7,7 +7,7 @@ written with `save_pretrained` so `AutoProcessor.from_pretrained` and the family
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,14 @@ from transformers import (
     Qwen2VLVideoProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
 )
 
 from tuner.tiny.bpe import gpt2_style_bpe
+from tuner.tiny.qwen3_vl_thinking import QWEN3_VL_THINKING_CHAT_TEMPLATE
 
 # Bump when a saved model changes, so cached folders from an older builder are rebuilt.
 BUILDER_VERSION = 1
@@ -260,6 +263,25 @@ FAMILIES: dict[str, Family] = {
         text_config_extra={"head_dim": TEXT_HEAD_DIM, "attention_bias": False, "rms_norm_eps": 1e-6},
     ),
 }
+# The same tiny Qwen3-VL (same weights) with the Thinking variant's chat template.
+FAMILIES["qwen3-vl-thinking"] = replace(FAMILIES["qwen3-vl"], chat_template=QWEN3_VL_THINKING_CHAT_TEMPLATE)
+# Qwen3-VL-30B-A3B's layout: every decoder layer's MLP is a sparse MoE block (router `mlp.gate`, fused
+# expert weights `mlp.experts.gate_up_proj` / `down_proj`); the real one has 128 experts, 8 per token.
+FAMILIES["qwen3-vl-moe"] = replace(
+    FAMILIES["qwen3-vl"],
+    model_class=Qwen3VLMoeForConditionalGeneration,
+    config_class=Qwen3VLMoeConfig,
+    text_config_extra={
+        **FAMILIES["qwen3-vl"].text_config_extra,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        # 2 * 24 and 24 differ from the hidden 64, as in the real model (1536, 768 vs 2048): no expert
+        # weight is square, so a transposed expert weight or LoRA delta cannot go unnoticed.
+        "moe_intermediate_size": 24,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+)
 
 
 def _tokenizer(family: Family) -> Qwen2Tokenizer:
@@ -311,7 +333,7 @@ def _padded_vocab_size(tokenizer: Qwen2Tokenizer) -> int:
 
 
 def build(name: str, folder: Path) -> None:
-    """Write the tiny model `name` ("qwen2-vl", "qwen2.5-vl", "qwen3-vl") and its processor into `folder`."""
+    """Write the tiny model `name` (a key of FAMILIES) and its processor into `folder`."""
     family = FAMILIES[name]
     torch.manual_seed(SEED)
     tokenizer = _tokenizer(family)

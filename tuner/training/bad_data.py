@@ -5,7 +5,8 @@ the run with the head of the report (the whole report goes to `data_report.txt`)
 `data.skip_bad` is on and at most `data.max_bad_fraction` of the samples are bad; then every skipped
 sample is written to `skipped.jsonl` with the reason. A file that becomes unreadable after that check
 (deleted or corrupted mid-run) is dropped from its batch by `SkipUnreadable` / `DropUnreadable` and
-logged to the same file.
+logged to the same file. Warnings (duplicate images or conversations) never stop a run: they are
+printed before training starts, and the duplicates train like any other sample.
 """
 
 from __future__ import annotations
@@ -30,16 +31,27 @@ PROBLEMS_SHOWN = 20
 UNREADABLE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError, DataError)
 
 
-def admit_dataset(report: DataReport, output_dir: Path, skip_bad: bool, max_bad_fraction: float) -> int:
-    """Refuse the dataset, or accept it minus its bad samples; returns how many samples were skipped."""
+def admit_dataset(
+    report: DataReport, output_dir: Path, skip_bad: bool, max_bad_fraction: float, main_process: bool = True
+) -> int:
+    """Refuse the dataset, or accept it minus its bad samples; returns how many samples were skipped.
+
+    The report's warnings are printed whatever happens to its problems. Every process of a run decides
+    (so all stop or all go on), but only the main one prints and writes the report and the log: with
+    N processes the user would otherwise read every line N times, and skipped.jsonl would hold N copies.
+    """
+    if main_process:
+        for line in report.format_lines(report.warnings, PROBLEMS_SHOWN, "warning: "):
+            print(line)
     if not report.problems:
         return 0
     output_dir = Path(output_dir)
     bad = len({(problem.file, problem.record) for problem in report.problems})
     bad_fraction = bad / (bad + report.samples_ok)
     if not skip_bad or bad_fraction > max_bad_fraction or report.samples_ok == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / REPORT_FILE).write_text(report.format_text() + "\n", encoding="utf-8")
+        if main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / REPORT_FILE).write_text(report.format_text() + "\n", encoding="utf-8")
         if skip_bad:
             hint = (
                 f"{bad} of {bad + report.samples_ok} samples ({bad_fraction:.1%}) are bad, more than "
@@ -55,6 +67,8 @@ def admit_dataset(report: DataReport, output_dir: Path, skip_bad: bool, max_bad_
             + report.format_text(limit=PROBLEMS_SHOWN),
             hint=hint,
         )
+    if not main_process:
+        return bad
     log = SkippedLog(output_dir)
     for problem in report.problems:
         log.write(
@@ -103,12 +117,7 @@ class SkipUnreadable(torch.utils.data.Dataset):
         try:
             return self.dataset[index]
         except UNREADABLE_ERRORS as error:
-            return UnreadableSample(index, f"{type(error).__name__}: {error}")
-
-    def set_epoch(self, epoch: int) -> None:
-        # Accelerate passes the epoch to the loader's dataset; per-epoch draws live in the wrapped one.
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
+            return UnreadableSample(int(index), f"{type(error).__name__}: {error}")
 
 
 class DropUnreadable:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
 from tuner.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _COMPLETE_NAME = re.compile(r"^step-(\d+)$")
@@ -32,12 +35,16 @@ def temporary_checkpoint_dir(output_dir: Path, step: int) -> Path:
 
 
 def write_manifest(checkpoint_dir: Path, step: int) -> None:
-    """List every file with its size and sha256; call after all other files are written."""
+    """List every file with its size and sha256; call after all other files are written.
+
+    Every file is fsynced before the manifest that vouches for it: after a power loss a checkpoint
+    with a manifest holds the bytes the manifest lists.
+    """
     files = {}
     for path in sorted(p for p in checkpoint_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
         files[path.relative_to(checkpoint_dir).as_posix()] = {
             "size": path.stat().st_size,
-            "sha256": _sha256(path),
+            "sha256": _sha256(path, sync=True),
         }
     manifest = checkpoint_dir / MANIFEST
     manifest.write_text(json.dumps({"step": step, "files": files}, indent=1))
@@ -102,14 +109,22 @@ def partial_checkpoints(output_dir: Path) -> list[Path]:
 def resolve_resume(output_dir: Path, resume: str | Path) -> Path:
     """`latest` -> newest complete checkpoint under output_dir; a path -> that checkpoint, verified."""
     if str(resume) == "latest":
-        latest = find_latest_checkpoint(output_dir)
-        if latest is None:
+        candidates = complete_checkpoints(output_dir)
+        if not candidates:
             raise CheckpointError(
                 f"--resume latest: no complete checkpoint in {checkpoints_root(output_dir)}",
                 hint="start without --resume, or point --output at the run to continue "
                 "(checkpoints are written when output.checkpoint_every > 0)",
             )
-        checkpoint = latest
+        # Newest first; one whose files fail their checksums (a disk error, a partial copy) is
+        # skipped with a warning, and the one before it resumes the run.
+        for checkpoint in reversed(candidates[1:]):
+            try:
+                verify_manifest(checkpoint)
+                return checkpoint
+            except CheckpointError as error:
+                logger.warning("--resume latest: skipping %s (%s)", checkpoint.name, error.message)
+        checkpoint = candidates[0]
     else:
         checkpoint = Path(resume)
         if not checkpoint.is_dir():
@@ -129,20 +144,65 @@ def publish_checkpoint(temporary_dir: Path, step: int) -> Path:
         # Left by an earlier attempt of this run that was resumed from a checkpoint before it.
         shutil.rmtree(final)
     os.replace(temporary_dir, final)
+    _sync_directory(final.parent)
     return final
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` (at least 1) complete checkpoints; returns what was deleted."""
-    stale = complete_checkpoints(output_dir)[: -max(keep, 1)]
+def set_aside_later_checkpoints(output_dir: Path, checkpoint: Path) -> list[Path]:
+    """Move the checkpoints after `checkpoint` (an abandoned timeline) into `checkpoints/abandoned-*/`.
+
+    A run resumed from an older checkpoint starts a new timeline: the later checkpoints must not stay
+    "latest" (`--resume latest` would jump back to them) nor count for retention (pruning keeps the
+    highest steps and would delete the new timeline's checkpoint). They are kept, out of the way.
+    Returns their new places.
+    """
+    match = _COMPLETE_NAME.match(Path(checkpoint).name)
+    if match is None or Path(checkpoint).parent != checkpoints_root(output_dir):
+        return []
+    step = int(match.group(1))
+    later = [path for path in complete_checkpoints(output_dir) if int(path.name.split("-")[1]) > step]
+    if not later:
+        return []
+    aside = checkpoints_root(output_dir) / f"abandoned-after-{checkpoint_name(step)}"
+    suffix = 1
+    while aside.exists():
+        suffix += 1
+        aside = aside.with_name(f"abandoned-after-{checkpoint_name(step)}-{suffix}")
+    aside.mkdir()
+    moved = []
+    for path in later:
+        os.replace(path, aside / path.name)
+        moved.append(aside / path.name)
+    return moved
+
+
+def prune_checkpoints(output_dir: Path, keep: int, also_keep: int | None = None) -> list[Path]:
+    """Delete all but the newest `keep` (at least 1) complete checkpoints and the one of step
+    `also_keep` (output.keep_best's); returns what was deleted."""
+    stale = [
+        path
+        for path in complete_checkpoints(output_dir)[: -max(keep, 1)]
+        if also_keep is None or path.name != checkpoint_name(also_keep)
+    ]
     for path in stale:
         shutil.rmtree(path)
     return stale
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, sync: bool = False) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
+        if sync:
+            os.fsync(handle.fileno())
     return digest.hexdigest()
+
+
+def _sync_directory(path: Path) -> None:
+    """fsync a folder, so that a rename inside it survives a power loss."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -8,12 +8,14 @@ Resuming is exact: a run resumed from a checkpoint ends with the same weights as
 interrupted. That holds because the checkpoint restores every RNG (Accelerate's save_state), the
 batch order is a pure function of (seed, epoch) and the batches already consumed are skipped, and
 nothing outside the training step (data loader start-up, sampling, validation) touches the
-training RNG. Recipes keep it exact by drawing data-side randomness (flips, caption dropout) from
-the global RNGs in the main process, or from the sample index, never from worker-local state.
+training RNG. Data-side randomness (flips, caption dropout and shuffles, noise, timesteps) is a pure
+function of (seed, epoch, sample index): the loader hands datasets `SampleKey`s, indices that carry
+their epoch into the workers, so neither workers, processes nor a resume change what is drawn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -29,13 +31,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import SAFE_MODEL_NAME, DistributedType, send_to_device, set_seed
+from accelerate.utils import (
+    SAFE_MODEL_NAME,
+    DistributedType,
+    broadcast_object_list,
+    send_to_device,
+    set_seed,
+)
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from tuner.data.sampling import GroupedBatchSampler
+from tuner.data.sampling import GroupedBatchSampler, SampleKey
 from tuner.distributed import describe_global_batch
 from tuner.errors import CheckpointError, DataError, TunerError
+from tuner.runtime.device import device_rng_state, restore_device_rng_state
 from tuner.training.bad_data import DropUnreadable, SkippedLog, SkipUnreadable, UnreadableSample
 from tuner.training.checkpoints import (
     checkpoint_name,
@@ -44,9 +53,11 @@ from tuner.training.checkpoints import (
     prune_checkpoints,
     publish_checkpoint,
     resolve_resume,
+    set_aside_later_checkpoints,
     temporary_checkpoint_dir,
 )
 from tuner.training.metrics import MetricsLog, peak_memory_mb, plot_losses
+from tuner.training.optim import fit_schedule_on_resume
 from tuner.training.signals import StopRequests, TrainingInterrupted
 
 if TYPE_CHECKING:
@@ -56,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 LOOP_STATE = "loop_state.json"
 EMA_WEIGHTS = "ema.safetensors"
+# Per process: the device RNG states Accelerate's save_state leaves out (Ascend NPU).
+DEVICE_RNG_STATE = "device_rng_state_{}.pt"
 
 
 @dataclass
@@ -68,9 +81,13 @@ class LoopSettings:
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0 = only at the end
     validate_every: int = 0  # 0 = only at the end (when validation batches exist)
+    eval_every: int = 0  # 0 = at the last step only (when the job has an eval_fn)
+    # `eval/<metric>` (highest wins) or `validation_loss` (lowest wins): that checkpoint is kept.
+    keep_best: str | None = None
     ema_decay: float | None = None
     max_nonfinite: int = 5
     seed: int = 42
+    extend_schedule: bool = False  # on resume: stretch the lr schedule to max_steps (see optim)
 
 
 @dataclass
@@ -84,10 +101,16 @@ class TrainingJob:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler  # sized in optimizer steps (max_steps)
     # (step, samples_dir), main process only, in eval mode under no_grad, with the training RNG set aside.
     sample_fn: Callable[[int, Path], None] | None = None
+    # step -> {metric: score}, called like sample_fn; the loop logs them as `eval/<metric>`.
+    eval_fn: Callable[[int], dict[str, float]] | None = None
     # Already-collated batches; the loss runs under no_grad with the RNG seeded from settings.seed.
     validation_batches: list[Any] | None = None
     num_workers: int = 0
     batch_size_of: Callable[[Any], int] | None = None  # default: length of the batch's first tensor
+    # Set when loss_fn returns a batch's loss summed over items (Qwen-VL: supervised tokens); this
+    # counts a batch's items, and the loop divides by the items of the whole optimizer step, over
+    # accumulation and processes. None: loss_fn returns a mean and micro-batches weigh the same.
+    loss_items_of: Callable[[Any], int] | None = None
 
 
 @dataclass
@@ -98,6 +121,7 @@ class LoopResult:
     validation_losses: list[tuple[int, float]]
     ema_state: dict[str, torch.Tensor] | None  # names as in the unwrapped model's named_parameters()
     stopped_early: bool
+    best_checkpoint: Path | None = None  # output.keep_best's checkpoint
 
 
 @dataclass
@@ -110,6 +134,7 @@ class LoopState:
     num_processes: int = 1  # batches_in_epoch and the saved RNG states are per process
     losses: list[tuple[int, float]] = field(default_factory=list)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    best: tuple[int, float] | None = None  # (step, value) of output.keep_best's best so far
 
 
 class NonFiniteLossError(TunerError):
@@ -141,9 +166,13 @@ def settings_from_config(config: RunConfig, batches_per_epoch: int, num_processe
         checkpoint_every=config.output.checkpoint_every,
         keep_checkpoints=config.output.keep_checkpoints,
         sample_every=config.output.sample_every,
+        validate_every=config.output.validate_every,
+        eval_every=config.output.eval_every,
+        keep_best=config.output.keep_best,
         ema_decay=train.ema_decay,
         max_nonfinite=train.max_nonfinite,
         seed=train.seed,
+        extend_schedule=train.extend_schedule,
     )
 
 
@@ -154,10 +183,251 @@ def run_training(
     output_dir: Path,
     resume: str | Path | None = None,
 ) -> LoopResult:
-    output_dir = Path(output_dir)
-    main = accelerator.is_main_process
+    """Train until settings.max_steps (or a stop signal, or a divergence), then validate and sample."""
+    run = _start_run(job, settings, accelerator, Path(output_dir), resume)
+    first_step, stop_signal = run.state.step, None
+    try:
+        with StopRequests() as stop_requests:
+            while run.state.step < settings.max_steps and not run.diverged:
+                _train_step(run, check_train_mode=run.state.step == first_step)
+                _after_step(run)
+                stop_signal = _agreed_stop(accelerator, stop_requests.requested)
+                if stop_signal is not None:
+                    break
+            _save_final_checkpoint(run)
+        if stop_signal is not None:
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(stop_signal).name} after step {run.state.step} of "
+                f"{settings.max_steps}; checkpoint saved in {checkpoints_root(run.output_dir)}",
+                hint="continue with the same command plus --resume latest",
+                signal_number=stop_signal,
+            )
+        _finish(run)
+    finally:
+        _close(run)
+    return _result(run)
+
+
+@dataclass
+class _Run:
+    """One run in progress: the prepared pieces, and what the steps so far have left behind."""
+
+    job: TrainingJob
+    settings: LoopSettings
+    accelerator: Accelerator
+    output_dir: Path
+    model: torch.nn.Module
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    batches_per_epoch: int
+    batches: Iterator[tuple[Any, list[UnreadableSample], bool]]
+    state: LoopState
+    ema: dict[str, torch.Tensor] | None
+    metrics: MetricsLog | None  # main process only
+    progress: tqdm
+    hooks: list
+    window: _LogWindow
+    skipped_log: SkippedLog
+    saved_at: int | None  # the step of the newest checkpoint
+    last_finite_step: int
+    nonfinite_in_a_row: int = 0
+    last_step_diverged: bool = False
+
+    @property
+    def diverged(self) -> bool:
+        return self.nonfinite_in_a_row >= self.settings.max_nonfinite
+
+
+def _start_run(
+    job: TrainingJob,
+    settings: LoopSettings,
+    accelerator: Accelerator,
+    output_dir: Path,
+    resume: str | Path | None,
+) -> _Run:
+    """Prepare model, optimizer and data with Accelerate, then start fresh or from a checkpoint."""
     accelerator.gradient_accumulation_steps = settings.grad_accum
-    loader = torch.utils.data.DataLoader(
+    model, optimizer, loader = accelerator.prepare(
+        job.model, job.optimizer, _data_loader(job, settings, accelerator)
+    )
+    if len(loader) == 0:
+        raise DataError(
+            "the training data gives no batch: every group is smaller than the batch size, with drop_last",
+            hint="lower train.batch_size, or add samples",
+        )
+    # Not handed to prepare(): Accelerate 1.15 steps a prepared schedule num_processes times per
+    # optimizer step (it assumes schedules sized in per-process batches). Ours is sized in optimizer
+    # steps, so the loop steps it once per step taken and checkpoints it as a registered object.
+    accelerator.register_for_checkpointing(job.lr_scheduler)
+    hooks = _checkpoint_trainable_weights_only(accelerator)
+    _train_mode(model)
+
+    checkpoint = resolve_resume(output_dir, resume) if resume is not None else None
+    state = _start_or_resume(accelerator, settings, output_dir, checkpoint, job.lr_scheduler)
+    accelerator.print(
+        describe_global_batch(
+            job.batch_sampler.batch_size,
+            accelerator.num_processes,
+            settings.grad_accum,
+            job.optimizer.param_groups[0]["lr"],
+        )
+    )
+    ema = _ema_from(
+        accelerator.unwrap_model(model),
+        settings.ema_decay,
+        checkpoint / EMA_WEIGHTS if checkpoint is not None else None,
+    )
+    main = accelerator.is_main_process
+    if main:
+        for leftover in partial_checkpoints(output_dir):
+            logger.warning("ignoring %s: an interrupted checkpoint save", leftover)
+    return _Run(
+        job=job,
+        settings=settings,
+        accelerator=accelerator,
+        output_dir=output_dir,
+        model=model,
+        trainable=[p for p in model.parameters() if p.requires_grad],
+        optimizer=optimizer,
+        batches_per_epoch=len(loader),
+        batches=_batches_from(loader, job.batch_sampler, accelerator, state),
+        state=state,
+        ema=ema,
+        # The recipe started the run's trackers (`--log-with`); Accelerate keeps them on the main process.
+        metrics=MetricsLog(output_dir, accelerator.trackers) if main else None,
+        progress=tqdm(
+            total=settings.max_steps, initial=state.step, disable=not main, desc="training", unit="step"
+        ),
+        hooks=hooks,
+        window=_LogWindow(accelerator.device),
+        skipped_log=SkippedLog(output_dir),
+        saved_at=state.step if checkpoint is not None else None,
+        last_finite_step=state.step,
+    )
+
+
+def _train_step(run: _Run, check_train_mode: bool) -> None:
+    """One optimizer step: accumulate the step's micro-batches, clip, and step unless it diverged."""
+    job, accelerator, optimizer = run.job, run.accelerator, run.optimizer
+    micro_batches = _next_micro_batches(run.batches, run.settings.grad_accum, run.skipped_log, run.state.step)
+    if check_train_mode:
+        _require_train_mode(run.model)
+    step_loss, micro_steps = _accumulate_gradients(job, run.model, accelerator, micro_batches)
+    run.window.samples += sum((job.batch_size_of or _count_samples)(b) for b in micro_batches if b)
+    grad_norm = accelerator.clip_grad_norm_(run.trainable, run.settings.max_grad_norm or math.inf)
+    # The one host sync per optimizer step: a skipped step must be decided before it is taken.
+    loss_finite, norm_finite = _all_finite(accelerator, step_loss, grad_norm)
+    # Under fp16 the GradScaler skips steps with inf gradients itself and lowers its scale.
+    diverging = not loss_finite or (not norm_finite and accelerator.scaler is None)
+    took_step = not diverging and micro_steps > 0
+    if took_step:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    run.state.step += 1
+    run.progress.update(1)
+    if took_step and not optimizer.step_was_skipped:
+        job.lr_scheduler.step()
+        _update_ema(run.ema, accelerator.unwrap_model(run.model), run.settings.ema_decay)
+        run.window.add(step_loss)
+    run.last_step_diverged = diverging
+    run.nonfinite_in_a_row = run.nonfinite_in_a_row + 1 if diverging else 0
+    if not diverging:
+        run.last_finite_step = run.state.step
+
+
+def _after_step(run: _Run) -> None:
+    """Log, validate / evaluate / sample, and checkpoint, each when its schedule says."""
+    settings, state = run.settings, run.state
+    if state.step % settings.log_every == 0 or state.step == settings.max_steps:
+        lr = run.job.lr_scheduler.get_last_lr()[0]
+        _log_step(run.window, run.accelerator, state, run.batches_per_epoch, lr, run.metrics, run.progress)
+    new_best = _evaluate_on_schedule(
+        run.job, run.model, run.accelerator, settings, state, run.metrics, run.output_dir
+    )
+    checkpoint_now = new_best or (settings.checkpoint_every and state.step % settings.checkpoint_every == 0)
+    if checkpoint_now and not run.last_step_diverged:
+        _save_run_checkpoint(run)
+
+
+def _save_run_checkpoint(run: _Run) -> None:
+    _save_checkpoint(run.accelerator, run.output_dir, run.state, run.ema, run.settings.keep_checkpoints)
+    run.saved_at = run.state.step
+    if run.metrics is not None:
+        run.metrics.refresh_report()
+
+
+def _save_final_checkpoint(run: _Run) -> None:
+    """Every run that did not diverge ends with a checkpoint (a finished one too, so that --resume
+    latest with a higher max_steps trains it further, also with checkpoint_every 0). After a
+    divergence, non-finite steps changed no weight, so the weights are still those of the last finite
+    step (unless a finite step itself produced NaNs): they are saved only when no checkpoint holds
+    them yet."""
+    if not run.diverged:
+        if run.saved_at != run.state.step:
+            _save_run_checkpoint(run)
+    elif (run.saved_at is None or run.saved_at < run.last_finite_step) and _all_parameters_finite(
+        run.accelerator, run.trainable
+    ):
+        _save_run_checkpoint(run)
+
+
+def _finish(run: _Run) -> None:
+    """After the last step: validation and samples unless the last step already made them, the plot."""
+    job, settings, state = run.job, run.settings, run.state
+    if not run.diverged:
+        if job.validation_batches and not (
+            state.validation_losses and state.validation_losses[-1][0] == state.step
+        ):
+            _validate(job, run.model, run.accelerator, settings.seed, state, run.metrics)
+        if job.sample_fn and not (settings.sample_every and state.step % settings.sample_every == 0):
+            _sample(job.sample_fn, run.model, run.accelerator, state.step, run.output_dir)
+    if run.metrics is not None:
+        plot_losses(state.losses, state.validation_losses, run.output_dir / "loss.png")
+        run.metrics.refresh_report()
+
+
+def _close(run: _Run) -> None:
+    run.progress.close()
+    if run.metrics is not None:
+        run.metrics.close()
+    for hook in run.hooks:
+        hook.remove()
+
+
+def _result(run: _Run) -> LoopResult:
+    """What the run ended with; a divergence raises NonFiniteLossError carrying it."""
+    state, output_dir = run.state, run.output_dir
+    result = LoopResult(state.step, state.epoch, state.losses, state.validation_losses, run.ema, run.diverged)
+    if state.best is not None:
+        best = checkpoints_root(output_dir) / checkpoint_name(state.best[0])
+        result.best_checkpoint = best if best.is_dir() else None
+        run.accelerator.print(
+            f"best checkpoint ({run.settings.keep_best}={state.best[1]:.4g}, step {state.best[0]}): {best}"
+        )
+    if run.diverged:
+        where = (
+            f"the checkpoint {checkpoints_root(output_dir) / checkpoint_name(run.saved_at)} holds the "
+            "weights from before the divergence"
+            if run.saved_at is not None
+            else "no checkpoint was written before it"
+        )
+        raise NonFiniteLossError(
+            f"training stopped at step {state.step}: the loss or gradient norm was NaN/inf for "
+            f"{run.settings.max_nonfinite} optimizer steps in a row; {where}. Likely causes: the SDXL "
+            "VAE running in fp16 (it overflows), a learning rate too high, or fp16 mixed precision on a "
+            "model trained in bf16",
+            hint="lower optim.lr, use a fp16-safe VAE (model.vae) or runtime.mixed_precision=bf16/no, "
+            "and train again; --max-nonfinite sets how many non-finite steps in a row stop a run",
+            result=result,
+        )
+    return result
+
+
+def _data_loader(
+    job: TrainingJob, settings: LoopSettings, accelerator: Accelerator
+) -> torch.utils.data.DataLoader:
+    """The job's batches as `SampleKey`s; unreadable samples dropped from their batch and reported."""
+    return torch.utils.data.DataLoader(
         SkipUnreadable(job.dataset),
         batch_sampler=_AnySizeBatches(job.batch_sampler),
         collate_fn=DropUnreadable(job.collate_fn),
@@ -168,185 +438,122 @@ def run_training(
         # torch RNG, and a resumed run starts one more iterator than the uninterrupted run did.
         generator=torch.Generator().manual_seed(settings.seed),
     )
-    model, optimizer, loader = accelerator.prepare(job.model, job.optimizer, loader)
-    if len(loader) == 0:
-        raise DataError(
-            "the training data gives no batch: every group is smaller than the batch size, with drop_last",
-            hint="lower train.batch_size, or add samples",
-        )
-    # Not handed to prepare(): Accelerate 1.15 steps a prepared schedule num_processes times per
-    # optimizer step (it assumes schedules sized in per-process batches). Ours is sized in optimizer
-    # steps, so the loop steps it once per step taken and checkpoints it as a registered object.
-    lr_scheduler = job.lr_scheduler
-    accelerator.register_for_checkpointing(lr_scheduler)
-    hooks = _checkpoint_trainable_weights_only(accelerator)
 
-    checkpoint = resolve_resume(output_dir, resume) if resume is not None else None
+
+def _start_or_resume(
+    accelerator: Accelerator,
+    settings: LoopSettings,
+    output_dir: Path,
+    checkpoint: Path | None,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> LoopState:
+    """A fresh state with the run's seed, or the checkpoint's state (weights, optimizer, RNGs...)."""
     if checkpoint is None:
         # Dropout and noise draws start from the run's seed, whatever building the model consumed.
         set_seed(settings.seed, device_specific=True)
-        state = LoopState(num_processes=accelerator.num_processes)
-    else:
-        state = _load_checkpoint(accelerator, checkpoint)  # restores the RNGs as they were at that step
-    accelerator.print(
-        describe_global_batch(
-            job.batch_sampler.batch_size,
-            accelerator.num_processes,
-            settings.grad_accum,
-            job.optimizer.param_groups[0]["lr"],
-        )
+        return LoopState(num_processes=accelerator.num_processes)
+    accelerator.wait_for_everyone()  # every process has resolved the checkpoint before any move
+    if accelerator.is_main_process:
+        for moved in set_aside_later_checkpoints(output_dir, checkpoint):
+            accelerator.print(f"moved {moved.name} aside to {moved.parent}: resuming from an earlier step")
+    accelerator.wait_for_everyone()
+    state = _load_checkpoint(accelerator, checkpoint)  # restores the RNGs as they were at that step
+    schedule_note = fit_schedule_on_resume(lr_scheduler, settings.max_steps, settings.extend_schedule)
+    if schedule_note:
+        accelerator.print(schedule_note)
+    return state
+
+
+def _log_step(
+    window: _LogWindow,
+    accelerator: Accelerator,
+    state: LoopState,
+    batches_per_epoch: int,
+    lr: float,
+    metrics: MetricsLog | None,
+    progress: tqdm,
+) -> None:
+    """One metrics record (and the progress bar's loss) for the steps since the last record."""
+    mean_loss, samples_per_s = window.flush(accelerator)
+    if mean_loss is not None:
+        state.losses.append((state.step, mean_loss))
+    if metrics is None:
+        return
+    metrics.write(
+        {
+            "step": state.step,
+            "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 3),
+            "loss": mean_loss,  # None when every step since the last record was skipped
+            "lr": lr,
+            "samples_per_s": samples_per_s,
+            "peak_memory_mb": peak_memory_mb(accelerator.device),
+        }
     )
-    unwrapped = accelerator.unwrap_model(model)
-    ema = _ema_from(
-        unwrapped, settings.ema_decay, checkpoint / EMA_WEIGHTS if checkpoint is not None else None
-    )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if main:
-        for leftover in partial_checkpoints(output_dir):
-            logger.warning("ignoring %s: an interrupted checkpoint save", leftover)
-    metrics = MetricsLog(output_dir) if main else None
-    progress = tqdm(
-        total=settings.max_steps, initial=state.step, disable=not main, desc="training", unit="step"
-    )
+    progress.set_postfix(loss=f"{mean_loss:.4g}" if mean_loss is not None else "-", lr=f"{lr:.3g}")
 
-    batches = _batches_from(loader, job.batch_sampler, accelerator, state)
-    window = _LogWindow(accelerator.device)
-    skipped_log = SkippedLog(output_dir)
-    nonfinite_in_a_row = 0
-    stop_signal = None
-    saved_at = state.step if checkpoint is not None else None  # the step of the newest checkpoint
-    last_finite_step = state.step
-    try:
-        with StopRequests() as stop_requests:
-            while state.step < settings.max_steps and nonfinite_in_a_row < settings.max_nonfinite:
-                step_loss, micro_steps = torch.zeros((), device=accelerator.device), 0
-                while True:
-                    batch, unreadable = next(batches)
-                    _log_unreadable(skipped_log, unreadable, state.step)
-                    with accelerator.accumulate(model):
-                        if batch is not None:
-                            loss = job.loss_fn(model, batch)
-                            accelerator.backward(loss)
-                    if batch is not None:
-                        step_loss += loss.detach().float()
-                        micro_steps += 1
-                        window.samples += (job.batch_size_of or _count_samples)(batch)
-                    if accelerator.sync_gradients:
-                        break
-                step_loss /= max(micro_steps, 1)
-                if 0 < micro_steps < settings.grad_accum:
-                    # An epoch's last accumulation can be shorter (or lose batches whose files all
-                    # became unreadable); Accelerate 1.15 still divides each loss by grad_accum,
-                    # which would give those batches less weight than all the others.
-                    for param in trainable:
-                        if param.grad is not None:
-                            param.grad.mul_(settings.grad_accum / micro_steps)
-                grad_norm = accelerator.clip_grad_norm_(trainable, settings.max_grad_norm or math.inf)
-                # The one host sync per optimizer step: a skipped step must be decided before it is taken.
-                loss_finite, norm_finite = _all_finite(accelerator, step_loss, grad_norm)
-                # Under fp16 the GradScaler skips steps with inf gradients itself and lowers its scale.
-                diverging = not loss_finite or (not norm_finite and accelerator.scaler is None)
-                took_step = not diverging and micro_steps > 0
-                if took_step:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                progress.update(1)
-                if took_step and not optimizer.step_was_skipped:
-                    lr_scheduler.step()
-                    _update_ema(ema, unwrapped, settings.ema_decay)
-                    window.add(step_loss)
-                nonfinite_in_a_row = nonfinite_in_a_row + 1 if diverging else 0
-                last_finite_step = state.step if not diverging else last_finite_step
 
-                if state.step % settings.log_every == 0 or state.step == settings.max_steps:
-                    mean_loss, samples_per_s = window.flush(accelerator)
-                    if mean_loss is not None:
-                        state.losses.append((state.step, mean_loss))
-                    if main:
-                        lr = lr_scheduler.get_last_lr()[0]
-                        metrics.write(
-                            {
-                                "step": state.step,
-                                "epoch": round(state.epoch + state.batches_in_epoch / len(loader), 3),
-                                "loss": mean_loss,  # None when every step since the last record was skipped
-                                "lr": lr,
-                                "samples_per_s": samples_per_s,
-                                "peak_memory_mb": peak_memory_mb(accelerator.device),
-                            }
-                        )
-                        progress.set_postfix(
-                            loss=f"{mean_loss:.4g}" if mean_loss is not None else "-", lr=f"{lr:.3g}"
-                        )
-                validate_now = settings.validate_every and state.step % settings.validate_every == 0
-                if job.validation_batches and validate_now:
-                    _validate(job, model, accelerator, settings.seed, state, metrics)
-                if job.sample_fn and settings.sample_every and state.step % settings.sample_every == 0:
-                    _sample(job.sample_fn, model, accelerator, state.step, output_dir)
-                checkpoint_now = settings.checkpoint_every and state.step % settings.checkpoint_every == 0
-                if checkpoint_now and not diverging:
-                    _save_checkpoint(accelerator, output_dir, state, ema, settings.keep_checkpoints)
-                    saved_at = state.step
-                stop_signal = _agreed_stop(accelerator, stop_requests.requested)
-                if stop_signal is not None:
-                    break
-            stopped_early = nonfinite_in_a_row >= settings.max_nonfinite
-            # Non-finite steps change no weight, so after a divergence these are still the weights
-            # of the last finite step (unless a finite step itself produced NaNs): a checkpoint is
-            # written only when none holds them yet.
-            diverged_unsaved = (
-                stopped_early
-                and (saved_at is None or saved_at < last_finite_step)
-                and _all_parameters_finite(accelerator, trainable)
-            )
-            if (stop_signal is not None and saved_at != state.step) or diverged_unsaved:
-                _save_checkpoint(accelerator, output_dir, state, ema, settings.keep_checkpoints)
-                saved_at = state.step
-        if stop_signal is not None:
-            raise TrainingInterrupted(
-                f"stopped by {signal.Signals(stop_signal).name} after step {state.step} of "
-                f"{settings.max_steps}; checkpoint saved in {checkpoints_root(output_dir)}",
-                hint="continue with the same command plus --resume latest",
-                signal_number=stop_signal,
-            )
+def _evaluate_on_schedule(
+    job: TrainingJob,
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    settings: LoopSettings,
+    state: LoopState,
+    metrics: MetricsLog | None,
+    output_dir: Path,
+) -> bool:
+    """Validation every validate_every steps, evaluation every eval_every steps and at the last step,
+    and samples every sample_every steps (0: at the end). True when output.keep_best improved."""
+    new_best = False
+    if job.validation_batches and settings.validate_every and state.step % settings.validate_every == 0:
+        _validate(job, model, accelerator, settings.seed, state, metrics)
+        new_best = _note_best(settings.keep_best, state, "validation_loss", state.validation_losses[-1][1])
+    every = settings.eval_every
+    if job.eval_fn and ((every and state.step % every == 0) or state.step == settings.max_steps):
+        # At the last step too, before the run's final checkpoint, so that it can be the best one.
+        scores = _evaluate(job.eval_fn, model, accelerator, state, metrics)
+        for name, value in scores.items():
+            new_best = _note_best(settings.keep_best, state, f"eval/{name}", value) or new_best
+    if job.sample_fn and settings.sample_every and state.step % settings.sample_every == 0:
+        _sample(job.sample_fn, model, accelerator, state.step, output_dir)
+    return new_best
 
-        if not stopped_early:
-            if job.validation_batches and not (
-                state.validation_losses and state.validation_losses[-1][0] == state.step
-            ):
-                _validate(job, model, accelerator, settings.seed, state, metrics)
-            if job.sample_fn and not (settings.sample_every and state.step % settings.sample_every == 0):
-                _sample(job.sample_fn, model, accelerator, state.step, output_dir)
-        if main:
-            plot_losses(state.losses, state.validation_losses, output_dir / "loss.png")
-    finally:
-        progress.close()
-        if main:
-            metrics.close()
-        for hook in hooks:
-            hook.remove()
-    result = LoopResult(state.step, state.epoch, state.losses, state.validation_losses, ema, stopped_early)
-    if stopped_early:
-        where = (
-            f"the checkpoint {checkpoints_root(output_dir) / checkpoint_name(saved_at)} holds the weights "
-            "from before the divergence"
-            if saved_at is not None
-            else "no checkpoint was written before it"
+
+def _evaluate(
+    eval_fn: Callable[[int], dict[str, float]],
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    state: LoopState,
+    metrics: MetricsLog | None,
+) -> dict[str, float]:
+    """The scores of `eval_fn` (on the main process, like sampling), shared with every process so that
+    all agree on whether to save a best checkpoint, and logged as `eval/<metric>`."""
+    scores = None
+    if accelerator.is_main_process:
+        with _evaluating(model, accelerator.device):
+            scores = eval_fn(state.step)
+    if accelerator.num_processes > 1:
+        scores = broadcast_object_list([scores])[0]
+    if metrics is not None:
+        metrics.write(
+            {"step": state.step, "epoch": state.epoch, **{f"eval/{k}": v for k, v in scores.items()}}
         )
-        raise NonFiniteLossError(
-            f"training stopped at step {state.step}: the loss or gradient norm was NaN/inf for "
-            f"{settings.max_nonfinite} optimizer steps in a row; {where}. Likely causes: the SDXL VAE "
-            "running in fp16 (it overflows), a learning rate too high, or fp16 mixed precision on a "
-            "model trained in bf16",
-            hint="lower optim.lr, use a fp16-safe VAE (model.vae) or runtime.mixed_precision=bf16/no, "
-            "and train again; --max-nonfinite sets how many non-finite steps in a row stop a run",
-            result=result,
-        )
-    return result
+    return scores
 
 
-class _AnySizeBatches(torch.utils.data.Sampler[list[int]]):
-    """The grouped batches as Accelerate must shard them across processes.
+def _note_best(keep_best: str | None, state: LoopState, name: str, value: float) -> bool:
+    """Record `value` as the best so far when `name` is the keep_best metric and it improved on it."""
+    if name != keep_best or not math.isfinite(value):
+        return False
+    lower_is_better = name == "validation_loss"
+    if state.best is not None and (value >= state.best[1] if lower_is_better else value <= state.best[1]):
+        return False
+    state.best = (state.step, value)
+    return True
+
+
+class _AnySizeBatches(torch.utils.data.Sampler[list[SampleKey]]):
+    """The grouped batches as Accelerate must shard them across processes, each index a `SampleKey`
+    that carries the epoch into the data-loader workers (see `tuner.data.sampling.SampleKey`).
 
     Accelerate 1.15's BatchSamplerShard takes a batch shorter than the sampler's `batch_size` for
     the end of the data and drops it, losing the partial batch of every group but the last. With
@@ -360,8 +567,8 @@ class _AnySizeBatches(torch.utils.data.Sampler[list[int]]):
     def __init__(self, batches: GroupedBatchSampler) -> None:
         self.batches = batches
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        return self.batches.keyed()
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -397,12 +604,14 @@ def _batches_from(
     accelerator: Accelerator,
     state: LoopState,
 ) -> Iterator[Any]:
-    """Batches epoch after epoch, from where `state` says, keeping state.epoch/batches_in_epoch current."""
+    """(batch or None, unreadable samples, last of its epoch) epoch after epoch, from where `state` says,
+    keeping state.epoch/batches_in_epoch current."""
     while True:
         if state.batches_in_epoch >= len(loader):  # a checkpoint taken right after an epoch's last batch
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-        # Set on the sampler itself: the loader does not pass set_epoch through the wrappers that
-        # sharding and skip_first_batches put around it.
+        # Set on the sampler itself, in this process: the loader does not pass set_epoch through the
+        # wrappers that sharding and skip_first_batches put around it. The epoch reaches the datasets
+        # in the workers only inside each SampleKey (a dataset attribute set here would not).
         sampler.set_epoch(state.epoch)
         loader.set_epoch(state.epoch)
         epoch = (
@@ -410,10 +619,69 @@ def _batches_from(
             if state.batches_in_epoch
             else loader
         )
-        for batch in epoch:
+        for batch, unreadable in epoch:
             state.batches_in_epoch += 1
-            yield batch
+            yield batch, unreadable, state.batches_in_epoch == len(loader)
         state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+
+
+def _next_micro_batches(
+    batches: Iterator[tuple[Any, list[UnreadableSample], bool]], grad_accum: int, log: SkippedLog, step: int
+) -> list[Any]:
+    """The micro-batches of the next optimizer step: grad_accum of them, fewer at an epoch's end.
+
+    Fetched before the step's first forward, so that a loss summed over items (tokens) can be divided
+    by the items of the whole step. An entry is None where every sample of the batch was unreadable.
+    """
+    micro_batches = []
+    while True:
+        batch, unreadable, last_in_epoch = next(batches)
+        _log_unreadable(log, unreadable, step)
+        micro_batches.append(batch)
+        if len(micro_batches) == grad_accum or last_in_epoch:
+            return micro_batches
+
+
+def _accumulate_gradients(
+    job: TrainingJob, model: torch.nn.Module, accelerator: Accelerator, micro_batches: list[Any]
+) -> tuple[torch.Tensor, int]:
+    """Forward and backward over one optimizer step's micro-batches; (the step's loss, batches run).
+
+    The loop owns the accumulation (Accelerate's `no_sync` and `sync_gradients`, not its step
+    counter), so each micro-batch's weight is exact also in a window shorter than grad_accum. Each
+    micro-batch's loss is weighted so that the step's gradient is the gradient of:
+      * a mean loss (`loss_items_of` None): the mean over the micro-batches;
+      * a summed loss: the sum over every item (supervised token) of the step, on all processes,
+        divided by their number, as the transformers Trainer does with `num_items_in_batch`. A
+        micro-batch of 5 tokens then weighs each token as much as one of 500.
+    """
+    readable = [batch for batch in micro_batches if batch is not None]
+    if accelerator.num_processes > 1:
+        # A process whose batches were all unreadable has no backward to run; the others' DDP
+        # all-reduce would wait for it forever, so then every process skips the step.
+        count = torch.tensor([float(len(readable))], device=accelerator.device)
+        if accelerator.gather(count).min().item() == 0:
+            readable = []
+    if job.loss_items_of is None:
+        weight = torch.tensor(1.0 / max(len(readable), 1), device=accelerator.device)
+    else:
+        items = torch.tensor(
+            float(sum(job.loss_items_of(batch) for batch in readable)), device=accelerator.device
+        )
+        items = accelerator.reduce(items, "sum") if accelerator.num_processes > 1 else items
+        # DDP averages the processes' gradients: times num_processes turns that into their sum.
+        weight = accelerator.num_processes / items.clamp(min=1.0)
+    step_loss = torch.zeros((), device=accelerator.device)
+    for index, batch in enumerate(readable):
+        last = index == len(readable) - 1
+        accelerator.sync_gradients = last  # DeepSpeed steps its engine on the synchronising backward
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss = job.loss_fn(model, batch) * weight
+            # Accelerate divides every loss by its gradient_accumulation_steps; the weight says it all.
+            accelerator.backward(loss * accelerator.gradient_accumulation_steps)
+        step_loss += loss.detach().float()
+    accelerator.sync_gradients = True
+    return step_loss, len(readable)
 
 
 def _all_finite(accelerator: Accelerator, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> list[bool]:
@@ -480,19 +748,40 @@ def _update_ema(ema: dict[str, torch.Tensor] | None, model: torch.nn.Module, dec
                 ema[name].lerp_(param.detach().float(), 1.0 - decay)
 
 
+def _require_train_mode(model: torch.nn.Module) -> None:
+    """The loop's mode rule, checked at the first step: every module trains (see `_train_mode`)."""
+    in_eval = [name or type(model).__name__ for name, module in model.named_modules() if not module.training]
+    if in_eval:
+        raise RuntimeError(
+            f"{len(in_eval)} module(s) are in eval mode at the first training step, e.g. {in_eval[:3]}: "
+            "something outside the loop changed the modes the loop set"
+        )
+
+
+def _train_mode(model: torch.nn.Module) -> None:
+    """Every module in training mode: the loop owns the modes, as torchtune's recipes do.
+
+    `from_pretrained` hands models over in eval mode, and transformers 5.23 checkpoints a layer only
+    when it is in training mode, so without this `train.gradient_checkpointing` would do nothing.
+    Frozen base modules train too, which also switches on the base model's own dropout, as the
+    transformers Trainer and diffusers' training scripts do: the configs of the supported models
+    (Qwen-VL attention_dropout, CLIP text encoders, the SDXL UNet and VAE) set it to 0.0, so only
+    LoRA dropout (`lora.dropout`) draws anything. None of them has batch norm.
+    """
+    model.train()
+
+
 @contextmanager
 def _evaluating(model: torch.nn.Module, device: torch.device):
-    """Eval mode and no_grad, then every submodule back in the mode it was in; the training RNG is
-    set aside, so sampling and validation never change what training draws."""
-    modes = {module: module.training for module in model.modules()}
+    """Eval mode and no_grad, then training mode again; the training RNG is set aside, so sampling
+    and validation never change what training draws."""
     devices = [] if device.type == "cpu" else [device]
     model.eval()
     try:
         with torch.random.fork_rng(devices=devices, device_type=device.type), torch.no_grad():
             yield
     finally:
-        for module, training in modes.items():
-            module.training = training
+        _train_mode(model)
 
 
 def _validate(
@@ -510,7 +799,11 @@ def _validate(
             job.loss_fn(model, send_to_device(batch, accelerator.device)).float()
             for batch in job.validation_batches
         ]
-    validation_loss = torch.stack(losses).mean().item()
+    if job.loss_items_of is None:
+        validation_loss = torch.stack(losses).mean().item()
+    else:  # summed losses: the mean over every item (token) of the validation set
+        items = sum(job.loss_items_of(batch) for batch in job.validation_batches)
+        validation_loss = torch.stack(losses).sum().item() / max(items, 1)
     state.validation_losses.append((state.step, validation_loss))
     if metrics is not None:
         metrics.write({"step": state.step, "epoch": state.epoch, "validation_loss": validation_loss})
@@ -577,11 +870,15 @@ def _save_checkpoint(
     keep: int,
 ) -> None:
     temporary = temporary_checkpoint_dir(output_dir, state.step)
+    failure: OSError | None = None
     try:
         if accelerator.is_main_process and temporary.exists():
             shutil.rmtree(temporary)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(temporary))  # every process: each writes its own RNG state
+        device_rng = device_rng_state(accelerator.device)
+        if device_rng is not None:
+            torch.save(device_rng, temporary / DEVICE_RNG_STATE.format(accelerator.process_index))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (temporary / LOOP_STATE).write_text(json.dumps(asdict(state)))
@@ -591,18 +888,30 @@ def _save_checkpoint(
                 )
             publish_checkpoint(temporary, state.step)
     except OSError as error:
+        failure = error
+    # Agreed by every process: a write that failed on the main process alone must stop the others
+    # too, instead of leaving them waiting at the next collective.
+    if _any_process(accelerator, failure is not None):
         # Older checkpoints are pruned only after a new one is published, so they are all still there.
         shutil.rmtree(temporary, ignore_errors=True)
-        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        full = failure is not None and failure.errno in (errno.ENOSPC, errno.EDQUOT)
+        why = (failure.strerror or str(failure)) if failure is not None else "another process failed"
         raise CheckpointError(
-            f"could not write the checkpoint {temporary}: {error.strerror or error}",
+            f"could not write the checkpoint {temporary}: {why}",
             hint=("free disk space" if full else f"check that {output_dir} is writable")
             + ", then continue with --resume latest (earlier checkpoints are intact)",
-        ) from error
+        ) from failure
     if accelerator.is_main_process:
-        for deleted in prune_checkpoints(output_dir, keep):
+        for deleted in prune_checkpoints(output_dir, keep, also_keep=state.best[0] if state.best else None):
             logger.info("deleted old checkpoint %s", deleted)
     accelerator.wait_for_everyone()
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is True on any of them."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0)
 
 
 def _load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> LoopState:
@@ -618,7 +927,11 @@ def _load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> LoopState:
             hint=f"resume with --num-processes {saved_processes}, or start a new output folder",
         )
     accelerator.load_state(str(checkpoint))
+    device_rng = checkpoint / DEVICE_RNG_STATE.format(accelerator.process_index)
+    if device_rng.exists():
+        restore_device_rng_state(accelerator.device, torch.load(device_rng))
     saved["losses"] = [tuple(pair) for pair in saved["losses"]]
     saved["validation_losses"] = [tuple(pair) for pair in saved["validation_losses"]]
+    saved["best"] = tuple(saved["best"]) if saved.get("best") else None
     logger.info("resumed from %s at step %d", checkpoint, saved["step"])
     return LoopState(**saved)

@@ -1,9 +1,10 @@
-"""Training metrics: `metrics.jsonl`, optional TensorBoard, peak memory and the loss plot."""
+"""Training metrics: `metrics.jsonl`, experiment trackers, the run report, peak memory and the loss plot."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,35 +13,36 @@ import torch
 
 class MetricsLog:
     """Appends one JSON record per line to `output_dir/metrics.jsonl` (appending keeps a resumed run's
-    history in one file) and mirrors numbers to TensorBoard when it is installed."""
+    history in one file) and sends every number to the run's experiment trackers (Accelerate's
+    `GeneralTracker`s, started by the recipe with `accelerator.init_trackers`; see tuner.training.trackers).
+    Every scalar the loop logs passes through here."""
 
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, trackers: Sequence[Any] = ()) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
+        self.output_dir = output_dir
         self.path = output_dir / "metrics.jsonl"
         self._file = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed in close()
-        self._tensorboard = _tensorboard_writer(output_dir / "tensorboard")
+        self._trackers = list(trackers)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float):
-                    self._tensorboard.add_scalar(key, value, record["step"])
+        numbers = {
+            key: value
+            for key, value in record.items()
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        for tracker in self._trackers:
+            tracker.log(numbers, step=record["step"])
+
+    def refresh_report(self) -> None:
+        """Rewrite `report.html` from what the run has written so far (called at every checkpoint)."""
+        from tuner.report.html import this_environment, write_run_report
+
+        write_run_report(self.output_dir, this_environment())
 
     def close(self) -> None:
         self._file.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-
-
-def _tensorboard_writer(log_dir: Path):
-    try:
-        import tensorboard  # noqa: F401 - SummaryWriter imports without it but cannot write
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(log_dir=str(log_dir))
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from tuner.errors import ConfigError
 
@@ -67,31 +69,73 @@ def build_optimizer(
     )
 
 
+@dataclass
+class ScheduleShape:
+    """The lr multiplier at a step: a linear warmup, then constant, cosine to 0 or linear to 0 at
+    `total_steps` (the curves of transformers' get_*_schedule_with_warmup).
+
+    A callable object, not a closure: LambdaLR saves its attributes in its state dict, so a checkpoint
+    keeps the schedule's length and a run resumed with another max_steps follows the same curve
+    unless it asks to stretch it (`fit_schedule_on_resume`).
+    """
+
+    name: str
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / max(1, self.warmup_steps)
+        if self.name == "constant":
+            return 1.0
+        # Past total_steps (a resumed run that kept the schedule's length) the lr stays at 0; the
+        # cosine of transformers 5.23 would climb back up.
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int
-) -> LRScheduler:
+) -> LambdaLR:
     """`constant`, `cosine` (to 0) or `linear` (to 0), each after a linear warmup of warmup_steps.
 
     total_steps counts optimizer steps; the training loop steps the schedule once per optimizer
     step whatever the number of processes.
     """
-    from transformers.optimization import (
-        get_constant_schedule_with_warmup,
-        get_cosine_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
+    if name not in SCHEDULERS:
+        close = difflib.get_close_matches(name, SCHEDULERS, n=1)
+        raise ConfigError(
+            f"optim.scheduler: unknown schedule {name!r}",
+            hint=(f"did you mean {close[0]!r}? " if close else "") + f"choose one of {', '.join(SCHEDULERS)}",
+        )
+    return LambdaLR(optimizer, ScheduleShape(name, warmup_steps, total_steps))
 
-    if name == "constant":
-        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps)
-    if name == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup_steps, num_training_steps=total_steps)
-    if name == "linear":
-        return get_linear_schedule_with_warmup(optimizer, warmup_steps, num_training_steps=total_steps)
-    close = difflib.get_close_matches(name, SCHEDULERS, n=1)
-    raise ConfigError(
-        f"optim.scheduler: unknown schedule {name!r}",
-        hint=(f"did you mean {close[0]!r}? " if close else "") + f"choose one of {', '.join(SCHEDULERS)}",
-    )
+
+def fit_schedule_on_resume(scheduler: LRScheduler, max_steps: int, extend: bool) -> str | None:
+    """After a checkpoint restored `scheduler`, say what a run to `max_steps` does with its length.
+
+    The schedule keeps the length it was built with (resuming with a higher max_steps must not jump
+    the lr back up the curve) unless `extend` stretches it to `max_steps` from the current step on.
+    Returns the line to print, or None when the length does not matter.
+    """
+    shapes = [fn for fn in getattr(scheduler, "lr_lambdas", []) if isinstance(fn, ScheduleShape)]
+    if not shapes or shapes[0].name == "constant" or shapes[0].total_steps == max_steps:
+        return None
+    shape, step = shapes[0], scheduler.last_epoch
+    before = f"{shape.name} over {shape.total_steps} steps (lr now {scheduler.get_last_lr()[0]:.4g})"
+    if not extend:
+        return (
+            f"lr schedule: {before}, kept from the checkpoint although this run trains to step "
+            f"{max_steps}; --set train.extend_schedule=true stretches it over {max_steps} steps"
+        )
+    for fn in shapes:
+        fn.total_steps = max_steps
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    return f"lr schedule: {before} stretched to {max_steps} steps (lr now {lrs[0]:.4g} at step {step})"
 
 
 def _adamw_kernel(device_type: str) -> dict[str, bool]:

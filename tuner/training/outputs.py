@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,27 +16,88 @@ import yaml
 
 from tuner.config.load import RESOLVED_CONFIG_NAME
 from tuner.errors import CheckpointError, ConfigError
+from tuner.models.qwenvl import ADAPTER_METADATA_FILE, EMA_ADAPTER_DIR
+from tuner.models.qwenvl_serve import SERVE_FILE
+from tuner.models.sdxl_lora import ADAPTER_FILE, EMA_ADAPTER_FILE, KOHYA_ADAPTER_FILE
+from tuner.report.html import ENVIRONMENT_FILE
+from tuner.report.html import REPORT_FILE as HTML_REPORT_FILE
+from tuner.training.bad_data import REPORT_FILE, SKIPPED_FILE
 from tuner.training.checkpoints import checkpoints_root, complete_checkpoints
+from tuner.training.trackers import MLFLOW_DIR, SWANLAB_DIR, TENSORBOARD_DIR
 
-# What a finished run leaves behind: the SDXL (diffusers/kohya) and the PEFT adapter files.
-ADAPTER_FILES = (
-    "pytorch_lora_weights.safetensors",
-    "pytorch_lora_weights_kohya.safetensors",
-    "adapter_model.safetensors",
+
+@dataclass(frozen=True)
+class RunOutput:
+    """A file or folder that a run writes into its output folder."""
+
+    name: str  # relative to the output folder
+    # Written only once training has finished: its presence means the folder holds a finished run.
+    result: bool = False
+
+
+# Everything a run writes into its output folder, both recipes: a new output goes here, or `--overwrite`
+# leaves the old run's copy behind and a finished run may go unnoticed. Not listed, on purpose: the
+# SDXL cache (`cache/`, keyed by content, so still right for the new run) and files the user put there.
+RUN_OUTPUTS: tuple[RunOutput, ...] = (
+    # SDXL: the diffusers adapter, its EMA twin, the kohya copy.
+    RunOutput(ADAPTER_FILE, result=True),
+    RunOutput(EMA_ADAPTER_FILE, result=True),
+    RunOutput(KOHYA_ADAPTER_FILE, result=True),
+    # Qwen-VL: the PEFT adapter, tuner's record of it, the EMA adapter folder, PEFT's model card and
+    # the processor files saved beside the adapter (their set depends on the transformers version).
+    RunOutput("adapter_model.safetensors", result=True),
+    RunOutput("adapter_config.json", result=True),
+    RunOutput(ADAPTER_METADATA_FILE, result=True),
+    RunOutput(EMA_ADAPTER_DIR, result=True),
+    RunOutput("README.md"),
+    *(
+        RunOutput(name)
+        for name in (
+            "processor_config.json",
+            "preprocessor_config.json",
+            "video_preprocessor_config.json",
+            "chat_template.jinja",
+            "chat_template.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "vocab.json",
+            "merges.txt",
+        )
+    ),
+    # Both: how to serve the adapter, sample grids (SDXL) or answers.jsonl (Qwen-VL), logs, the loss
+    # plot, the data gate's report, checkpoints, the resolved config.
+    RunOutput(SERVE_FILE, result=True),
+    RunOutput("samples"),
+    RunOutput("metrics.jsonl"),
+    RunOutput(SKIPPED_FILE),
+    RunOutput("loss.png"),
+    RunOutput(REPORT_FILE),
+    RunOutput(checkpoints_root(Path()).name),
+    RunOutput(RESOLVED_CONFIG_NAME),
+    # The run report and the environment it records; the offline trackers' folders.
+    RunOutput(HTML_REPORT_FILE),
+    RunOutput(ENVIRONMENT_FILE),
+    RunOutput(TENSORBOARD_DIR),
+    RunOutput(MLFLOW_DIR),
+    RunOutput(SWANLAB_DIR),
 )
-# Logs that a new run appends to: stale lines from the replaced run would mix into them.
-APPENDED_LOGS = ("metrics.jsonl", "skipped.jsonl")
 # Keys a resumed run may change: how long it runs, what it logs and writes, and where it downloads from.
 # Everything else changes what the remaining steps compute, so the result would match no single run.
 SAFE_TO_CHANGE_ON_RESUME = (
     "train.max_steps",
     "train.epochs",
+    "train.extend_schedule",
     "output.dir",
     "output.log_every",
     "output.checkpoint_every",
     "output.keep_checkpoints",
     "output.sample_every",
     "output.sample_prompts",
+    "output.validate_every",
+    "output.eval_every",
+    "output.save_format",
     "output.overwrite",
     "data.num_workers",
     "hub.",
@@ -60,7 +122,9 @@ def prepare_output_folder(
         )
     if resume is not None:
         return check_resume_config(output_dir, config)
-    finished = [name for name in ADAPTER_FILES if (output_dir / name).is_file()]
+    finished = [
+        output.name for output in RUN_OUTPUTS if output.result and (output_dir / output.name).exists()
+    ]
     checkpoints = complete_checkpoints(output_dir)
     if overwrite:
         clear_previous_run(output_dir)
@@ -69,7 +133,8 @@ def prepare_output_folder(
         raise ConfigError(
             f"{output_dir} already holds a finished run ({finished[0]})",
             hint="choose another --output, pass --overwrite to replace it, "
-            "or --resume latest (with a higher --max-steps) to train it further",
+            "or --resume latest with a higher --max-steps to train it further "
+            "(every run ends with a checkpoint; --set train.extend_schedule=true stretches the lr schedule)",
         )
     if checkpoints:
         raise CheckpointError(
@@ -81,12 +146,15 @@ def prepare_output_folder(
 
 
 def clear_previous_run(output_dir: Path) -> None:
-    """Delete what `--overwrite` replaces: the checkpoints (a later `--resume latest` must not pick up
-    the old run's), the finished adapters and the appended logs. The SDXL cache stays: it is keyed by
-    content, so it is still right and saves re-encoding every image."""
-    shutil.rmtree(checkpoints_root(output_dir), ignore_errors=True)
-    for name in (*ADAPTER_FILES, *APPENDED_LOGS):
-        (output_dir / name).unlink(missing_ok=True)
+    """Delete what `--overwrite` replaces: everything in RUN_OUTPUTS, so no file of the old run (a
+    checkpoint `--resume latest` would pick up, an EMA adapter or sample grid the new run does not
+    write, lines in a log the new run appends to) passes for the new run's. The SDXL cache stays."""
+    for output in RUN_OUTPUTS:
+        path = Path(output_dir) / output.name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def check_resume_config(output_dir: Path, config: Mapping[str, Any]) -> list[str]:
