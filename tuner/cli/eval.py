@@ -60,8 +60,12 @@ def eval_qwenvl_command(
     allow_pickle: options.AllowPickle = None,
     offline: options.Offline = None,
     hub: options.Hub = None,
+    ca_bundle: options.CaBundle = None,
+    hf_endpoint: options.HfEndpoint = None,
+    insecure_skip_tls_verify: options.InsecureSkipTlsVerify = None,
 ) -> None:
     """Answer every sample greedily with the base model and each adapter; score, compare, list the worst."""
+    options.apply_hub_flags(ca_bundle, hf_endpoint, offline, insecure_skip_tls_verify)
     from tuner.eval.qwenvl import evaluate_qwenvl, format_table, write_report
     from tuner.runtime import resolve_runtime
     from tuner.runtime.stack import check_stack
@@ -118,8 +122,12 @@ def eval_sdxl_command(
     mixed_precision: options.MixedPrecision = None,
     offline: options.Offline = None,
     hub: options.Hub = None,
+    ca_bundle: options.CaBundle = None,
+    hf_endpoint: options.HfEndpoint = None,
+    insecure_skip_tls_verify: options.InsecureSkipTlsVerify = None,
 ) -> None:
     """Draw every prompt with every seed for the base model and each adapter, in one image per prompt."""
+    options.apply_hub_flags(ca_bundle, hf_endpoint, offline, insecure_skip_tls_verify)
     from tuner.cli.infer import _parse_size
     from tuner.eval.sdxl import SdxlEvalSettings, clip_scorer, evaluate_sdxl, format_summary, read_prompts
     from tuner.models.sdxl_infer import Adapter

@@ -36,7 +36,7 @@ def apply_hub_flags(
     offline: bool | None,
     insecure_skip_tls_verify: bool | None,
 ) -> None:
-    """The hub options of a command without a run config (env, infer, merge, convert), applied before
+    """The hub options of a command without a run config (env, infer, merge, convert, eval), applied before
     anything imports huggingface_hub; TUNER_CA_BUNDLE stands in for a missing --ca-bundle."""
     from tuner.runtime import apply_hub_settings
 
