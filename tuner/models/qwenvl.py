@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,10 @@ from transformers import (
 )
 
 from tuner.errors import ConfigError, ModelError
+
+# peft 0.21 reads transformers 5.23's deprecated `is_gradient_checkpointing` whenever it wraps or loads an
+# adapter; the FutureWarning is about their code, not the user's, so it does not belong in tuner's output.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 SUPPORTED_MODEL_TYPES: dict[str, type[PreTrainedModel]] = {
     "qwen2_vl": Qwen2VLForConditionalGeneration,
