@@ -2,7 +2,7 @@
 # First a Qwen-VL LoRA on the tiny built-in model, where learning shows in seconds: answers to held-out
 # questions before and after, `tuner eval` scores side by side, a falling loss and report.html. Then an SDXL
 # LoRA on the tiny SDXL and a generated dataset, generated with (beside the base model) and merged into the
-# base. All on the CPU: about two to three minutes in all.
+# base. All on the CPU: 63 s on the 2-core development VM (2026-12-01), plus the first setup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
