@@ -251,7 +251,8 @@ def test_encoded_video_sample_equals_the_processor_and_model_at_inference(
             torch.as_tensor(expected["second_per_grid_ts"], dtype=torch.float), sample.second_per_grid_ts
         )
     if family == "qwen3-vl":
-        # Frames 1, 3 | 5, 7 at 4 fps: patches centred at 0.5 s and 1.5 s.
+        # Qwen3-VL writes each temporal patch's position in the clip as text (not a speed): frames
+        # 1, 3 | 5, 7 at 4 fps give patches centred at 0.5 s and 1.5 s.
         assert "<0.5 seconds>" in decoded and "<1.5 seconds>" in decoded
     # Packed beside an image sample, the video sample keeps its own positions (per-sample rope index).
     image_sample = encode_conversation(processor, conversations[1], video=sampling)

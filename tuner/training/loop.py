@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 LOOP_STATE = "loop_state.json"
 EMA_WEIGHTS = "ema.safetensors"
 # Per process: the device RNG states Accelerate's save_state leaves out (Ascend NPU).
-DEVICE_RNG_STATE = "device_rng_state_{}.pt"
+DEVICE_RNG_STATE = "device_rng_state_{}.safetensors"
 
 
 @dataclass
@@ -878,7 +878,11 @@ def _save_checkpoint(
         accelerator.save_state(str(temporary))  # every process: each writes its own RNG state
         device_rng = device_rng_state(accelerator.device)
         if device_rng is not None:
-            torch.save(device_rng, temporary / DEVICE_RNG_STATE.format(accelerator.process_index))
+            # One uint8 tensor per device, stored with safetensors like every other weight file we read back.
+            save_file(
+                {str(index): state for index, state in enumerate(device_rng)},
+                temporary / DEVICE_RNG_STATE.format(accelerator.process_index),
+            )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (temporary / LOOP_STATE).write_text(json.dumps(asdict(state)))
@@ -929,7 +933,8 @@ def _load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> LoopState:
     accelerator.load_state(str(checkpoint))
     device_rng = checkpoint / DEVICE_RNG_STATE.format(accelerator.process_index)
     if device_rng.exists():
-        restore_device_rng_state(accelerator.device, torch.load(device_rng))
+        states = load_file(device_rng)
+        restore_device_rng_state(accelerator.device, [states[str(index)] for index in range(len(states))])
     saved["losses"] = [tuple(pair) for pair in saved["losses"]]
     saved["validation_losses"] = [tuple(pair) for pair in saved["validation_losses"]]
     saved["best"] = tuple(saved["best"]) if saved.get("best") else None
