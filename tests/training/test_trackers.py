@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from cli_runner import run_cli
@@ -176,3 +179,119 @@ def test_an_sdxl_run_logs_sample_grids_to_tensorboard_and_mlflow(tmp_path, capsy
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2]
     logged = [artifact.path for artifact in client.list_artifacts(run.info.run_id, "images")]
     assert any("samples" in path and path.endswith(".png") for path in logged), logged
+
+
+def _wandb_records(run_dir: Path) -> list[dict]:
+    """The offline W&B run's records, read by W&B's own reader (`wandb leet inspect --json`)."""
+    (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    listing = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", str(offline_run), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return [json.loads(line) for line in listing.stdout.splitlines() if line.startswith("{")]
+
+
+def _swanlab_records(run_dir: Path) -> list[dict]:
+    """The local SwanLab run's records, read by SwanLab's own data-store reader."""
+    from google.protobuf.json_format import MessageToDict
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    (store,) = (run_dir / "swanlog").glob("run-*/run-*.swanlab")
+    reader = DataStoreReader()
+    reader.open(store)
+    records = []
+    for data in reader:
+        record = Record()
+        record.ParseFromString(data)
+        records.append(MessageToDict(record, always_print_fields_with_no_presence=True))
+    reader.close()
+    return records
+
+
+@pytest.fixture
+def offline_trackers(monkeypatch):
+    """W&B and SwanLab with nothing set but the run being offline: tuner must pick their offline modes."""
+    for name in ("WANDB_MODE", "SWANLAB_MODE", "WANDB_API_KEY", "SWANLAB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.mark.slow
+def test_a_qwenvl_run_logs_scalars_config_and_answers_to_wandb_and_swanlab_offline(
+    tmp_path, capsys, offline_trackers
+):
+    pytest.importorskip("wandb")
+    pytest.importorskip("swanlab")
+    run_dir = tmp_path / "run"
+    code, _, stderr = run_cli(
+        capsys,
+        *("train", "qwenvl-lora", "--preset", "tiny-cpu", "--output", str(run_dir), "--max-steps", "2"),
+        *("--log-with", "wandb", "--log-with", "swanlab", "--set", "output.log_every=1"),
+        *("--set", "output.eval_data=tiny", "--lr", "2e-3"),
+    )
+    assert code == 0, stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    overall = next(r["eval/overall"] for r in records if "eval/overall" in r)
+
+    wandb_records = _wandb_records(run_dir)
+    history = [r["history"] for r in wandb_records if r["type"] == "history"]
+    _assert_series([(h["step"]["num"], h["item"]["loss"]) for h in history if "loss" in h["item"]], losses)
+    assert [h["item"]["eval/overall"] for h in history if "eval/overall" in h["item"]] == [
+        pytest.approx(overall)
+    ]
+    config = {
+        key: value
+        for r in wandb_records
+        if r["type"] == "config"
+        for key, value in r["config"]["update"].items()
+    }
+    assert config["optim.lr"] == 2e-3 and config["task"] == "qwenvl-lora"
+    # The answers table is logged as a W&B table artifact (its rows are uploaded files, not records).
+    assert any(
+        "sample_answers" in json.dumps(r) for r in wandb_records if r["type"] in ("history", "summary")
+    )
+
+    swanlab_records = _swanlab_records(run_dir)
+    scalars = [r["scalar"] for r in swanlab_records if "scalar" in r]
+    _assert_series([(int(s["step"]), s["value"]["number"]) for s in scalars if s["key"] == "loss"], losses)
+    assert [s["value"].get("number", 0.0) for s in scalars if s["key"] == "eval/overall"] == [
+        pytest.approx(overall)
+    ]
+    (swanlab_config,) = (run_dir / "swanlog").glob("run-*/files/config.yaml")
+    saved = yaml.safe_load(swanlab_config.read_text())
+    assert saved["optim.lr"]["value"] == 2e-3 and saved["task"]["value"] == "qwenvl-lora"
+    columns = {r["column"]["columnKey"]: r["column"]["columnType"] for r in swanlab_records if "column" in r}
+    assert columns["sample_answers"] == "COLUMN_TYPE_TEXT"
+
+
+@pytest.mark.slow
+def test_an_sdxl_run_logs_sample_grids_to_wandb_and_swanlab_offline(tmp_path, capsys, offline_trackers):
+    pytest.importorskip("wandb")
+    pytest.importorskip("swanlab")
+    run_dir = tmp_path / "run"
+    code, _, stderr = run_cli(
+        capsys,
+        *("train", "sdxl-lora", "--preset", "tiny-cpu", "--output", str(run_dir), "--max-steps", "2"),
+        *("--log-with", "wandb", "--log-with", "swanlab", "--set", "output.sample_steps=2"),
+    )
+    assert code == 0, stderr
+    history = [r["history"] for r in _wandb_records(run_dir) if r["type"] == "history"]
+    # W&B flattens the logged image list into `samples.*` history keys naming the stored files.
+    images = [(h["step"]["num"], h["item"]["samples._type"]) for h in history if "samples._type" in h["item"]]
+    assert images == [(2, "images/separated")]
+    assert list((run_dir / "wandb").glob("offline-run-*/files/media/images/samples_2_*.png"))
+
+    swanlab_records = _swanlab_records(run_dir)
+    columns = {r["column"]["columnKey"]: r["column"]["columnType"] for r in swanlab_records if "column" in r}
+    assert columns["samples"] == "COLUMN_TYPE_IMAGE"
+    assert [
+        int(r["media"]["step"]) for r in swanlab_records if r.get("media", {}).get("key") == "samples"
+    ] == [2]
+    assert list((run_dir / "swanlog").glob("run-*/media/**/*.png"))

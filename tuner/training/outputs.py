@@ -23,7 +23,7 @@ from tuner.report.html import ENVIRONMENT_FILE
 from tuner.report.html import REPORT_FILE as HTML_REPORT_FILE
 from tuner.training.bad_data import REPORT_FILE, SKIPPED_FILE
 from tuner.training.checkpoints import checkpoints_root, complete_checkpoints
-from tuner.training.trackers import MLFLOW_DIR, SWANLAB_DIR, TENSORBOARD_DIR
+from tuner.training.trackers import MLFLOW_DIR, SWANLAB_DIR, TENSORBOARD_DIR, WANDB_DIR
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ RUN_OUTPUTS: tuple[RunOutput, ...] = (
     RunOutput(TENSORBOARD_DIR),
     RunOutput(MLFLOW_DIR),
     RunOutput(SWANLAB_DIR),
+    RunOutput(WANDB_DIR),
 )
 # Keys a resumed run may change: how long it runs, what it logs and writes, and where it downloads from.
 # Everything else changes what the remaining steps compute, so the result would match no single run.

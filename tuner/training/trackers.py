@@ -22,6 +22,7 @@ from tuner.errors import ConfigError
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlruns"
 SWANLAB_DIR = "swanlog"
+WANDB_DIR = "wandb"  # W&B names the folder itself, inside the `dir` it is given
 
 # tracker name -> (module it needs, tuner extra that installs it)
 TRACKERS: dict[str, tuple[str, str]] = {
@@ -91,7 +92,7 @@ def start_trackers(
                 os.environ.setdefault("WANDB_MODE", "offline")
             trackers.append(WandBTracker("tuner", name=run_name, dir=str(output_dir)))
         else:
-            mode = os.environ.get("SWANLAB_MODE") or ("local" if offline else None)
+            mode = os.environ.get("SWANLAB_MODE") or ("offline" if offline else None)
             options = {"mode": mode} if mode else {}
             trackers.append(
                 SwanLabTracker(
@@ -136,7 +137,8 @@ def log_sample_images(accelerator, step: int, paths: Sequence[Path], name: str =
 
 def log_sample_answers(accelerator, step: int, rows: Sequence[Mapping[str, str]]) -> None:
     """Send sample answers (question, answer, reference) as a table to trackers that take tables
-    (TensorBoard: a Markdown table as text; MLflow: the same as a text artifact per step)."""
+    (W&B: a table; TensorBoard and SwanLab: a Markdown table as text; MLflow: the same as a text
+    artifact per step)."""
     columns = ["question", "answer", "reference"]
     data = [[str(row.get(column, "")) for column in columns] for row in rows]
     text = "\n".join(f"| {' | '.join(row)} |" for row in [columns, ["---"] * 3, *data])
@@ -145,6 +147,11 @@ def log_sample_answers(accelerator, step: int, rows: Sequence[Mapping[str, str]]
             tracker.log_table("sample_answers", columns=columns, data=data, step=step)
         elif tracker.name == "tensorboard":
             tracker.tracker.add_text("sample_answers", text, step)
+        elif tracker.name == "swanlab":
+            # Accelerate 1.15's SwanLabTracker has no log_table; SwanLab shows Text media per step.
+            import swanlab
+
+            tracker.log({"sample_answers": swanlab.Text(text)}, step=step)
         elif _mlflow(tracker):
             import mlflow
 
