@@ -29,10 +29,10 @@ ACTS_IN_BOTH: dict[str, str] = {
     "model.name_or_path": "resolve_base_model",
     "model.revision": "resolve_base_model and the model loaders",
     "model.allow_pickle": "load_sdxl / load_qwenvl",
-    "data.path": "the data gate (load_training_samples / load_training_conversations)",
+    "data.path": "the data gate (load_training_portions / load_training_conversations)",
     "data.background": "image decoding (SDXL dataset, EncodedConversations, sample answers)",
     "data.max_image_pixels": "the data gate and image decoding",
-    "data.validation_fraction": "split_validation / held_out_indices",
+    "data.validation_fraction": "hold_out_validation / held_out_indices",
     "data.skip_bad": "admit_dataset",
     "data.max_bad_fraction": "admit_dataset",
     "data.num_workers": "TrainingJob.num_workers",
@@ -109,7 +109,9 @@ def other_value(key: str) -> object:
     if isinstance(default, str):
         return default + "_other"
     if isinstance(default, list):
-        return ["x"]
+        (item,) = typing.get_args(annotation)
+        # A list of sections (data.sources) takes one section with its required keys.
+        return [{"path": "x"}] if isinstance(item, type) and issubclass(item, BaseModel) else ["x"]
     if default is None and typing.get_origin(annotation) in (typing.Union, types.UnionType):
         kind = next(option for option in options if option is not type(None))
         return {int: 2, float: 0.5, str: "x"}[kind]

@@ -117,7 +117,14 @@ def test_cached_items_equal_direct_encoding(samples, components, fingerprint, tm
     assert len(dataset) == len(samples)
     for index, (sample, plan) in enumerate(zip(samples, plans, strict=True)):
         item = dataset[index]
-        assert set(item) == {"latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids", "source"}
+        assert set(item) == {
+            "latents",
+            "prompt_embeds",
+            "pooled_prompt_embeds",
+            "time_ids",
+            "source",
+            "prior",
+        }
         with torch.no_grad():
             latents = encode_latents(components, expected_pixels(sample, plan)[None])[0]
             prompt_embeds, pooled = encode_prompt(components, [f"tok, {sample.caption}"], "cpu")
@@ -222,7 +229,7 @@ def test_caption_shuffle_caches_latents_only(samples, components, fingerprint, c
     dataset = build(samples, plans, components, tmp_path / "cache", fingerprint, caption_options=options)
     assert calls.images == 4 and calls.captions == []
     item = dataset[1]
-    assert set(item) == {"latents", "caption", "time_ids", "source"}
+    assert set(item) == {"latents", "caption", "time_ids", "source", "prior"}
     assert item["caption"].startswith("tok, a blue ball, ")
     assert sorted(item["caption"].split(", ")) == sorted(["tok", "a blue ball", "grass", "sky"])
 
@@ -272,7 +279,7 @@ def test_uncached_items_are_deterministic_per_seed_index_and_epoch(samples, comp
         [item["caption"] for item in epoch] != [item["caption"] for item in first] for epoch in later_epochs
     )
     item = first[0]
-    assert set(item) == {"pixel_values", "caption", "time_ids", "source"}
+    assert set(item) == {"pixel_values", "caption", "time_ids", "source", "prior"}
     assert item["pixel_values"].shape == (3, 64, 64)
     assert item["pixel_values"].min() >= -1.0 and item["pixel_values"].max() <= 1.0
     # The caption is the transform the item's own rng draws: replaying the flip draw first.

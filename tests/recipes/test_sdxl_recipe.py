@@ -269,12 +269,14 @@ def test_a_v_prediction_run_samples_and_records_v_prediction(
 
 
 def test_duplicate_images_train_with_a_warning(caption_folder: Path, tmp_path: Path, capsys) -> None:
-    from tuner.recipes.sdxl import load_training_samples
+    from tuner.recipes.sdxl import load_training_portions
 
     # The same picture twice, with two captions: kohya and diffusers train on both.
     (caption_folder / "copy.png").write_bytes((caption_folder / "0.png").read_bytes())
     (caption_folder / "copy.txt").write_text("the same colour, another caption", encoding="utf-8")
-    samples = load_training_samples(_config(caption_folder, tmp_path / "out"))
+    samples = [
+        s for p in load_training_portions(_config(caption_folder, tmp_path / "out")) for s in p.samples
+    ]
     assert len(samples) == len(IMAGES) + 1
     printed = capsys.readouterr().out
     copy = caption_folder / "copy.png"

@@ -71,6 +71,20 @@ def test_report_embeds_everything_and_fetches_nothing(run_dir):
     assert "torch 2.14.1" in write_run_report(run_dir, {"versions": {"torch": "0.0"}}).read_text()
 
 
+def test_instance_and_prior_losses_are_drawn_in_the_loss_chart(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"step": step, "loss": 1.0 / step, "loss/instance": 0.9 / step, "loss/prior": 1.2 / step}
+        for step in (1, 2, 3)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    html = write_run_report(run, None).read_text()
+    loss_chart = html[html.index('aria-label="loss"') : html.index("</svg>", html.index('aria-label="loss"'))]
+    assert "instance loss" in loss_chart and "prior loss" in loss_chart
+    assert 'aria-label="loss/prior"' not in html  # not a chart of its own
+
+
 def test_nice_ticks_cover_the_range_in_round_steps():
     assert nice_ticks(0.3, 9.0) == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
     assert nice_ticks(1086.5, 1087.2) == pytest.approx([1086.4, 1086.6, 1086.8, 1087.0, 1087.2])

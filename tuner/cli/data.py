@@ -8,7 +8,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from tuner.errors import ModelError
+from tuner.errors import ConfigError, ModelError
 
 T = TypeVar("T")
 
@@ -23,7 +23,14 @@ class DatasetKind(str, Enum):
 @data_app.command("check")
 def check_command(
     kind: Annotated[DatasetKind, typer.Argument(help="sdxl (captioned images) or qwenvl (conversations).")],
-    path: Annotated[str, typer.Argument(help="Dataset folder or file (or a dataset name, for sdxl).")],
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            help="Dataset folder or file (or a dataset name, for sdxl). sdxl: PATH@N for N repeats, and "
+            "several PATHs check the mix that training with `--data` given for each would use.",
+            metavar="PATH...",
+        ),
+    ],
     image_root: Annotated[
         str | None, typer.Option("--image-root", help="qwenvl: folder image paths are relative to.")
     ] = None,
@@ -50,6 +57,20 @@ def check_command(
     batch_size: Annotated[
         int | None,
         typer.Option("--batch-size", help="sdxl: batch size (flags buckets that cannot fill one)."),
+    ] = None,
+    masked_loss: Annotated[
+        bool,
+        typer.Option("--masked-loss", help="sdxl: find and check each image's loss mask (size, all black)."),
+    ] = False,
+    mask_dir: Annotated[
+        str | None, typer.Option("--mask-dir", help="sdxl: folder of masks named like their images.")
+    ] = None,
+    reg_data: Annotated[
+        list[str] | None,
+        typer.Option("--reg-data", help="sdxl: regularisation (class) images, as training mixes them."),
+    ] = None,
+    class_prompt: Annotated[
+        str | None, typer.Option("--class-prompt", help="sdxl: caption of a --reg-data image without one.")
     ] = None,
     model: Annotated[
         str,
@@ -80,6 +101,7 @@ def check_command(
     """
     from tuner.config.schema import DataConfig, TrainConfig
     from tuner.data.check import QWENVL_MIN_SIZE, SDXL_MIN_SIZE, check_qwenvl_dataset, check_sdxl_dataset
+    from tuner.data.mixing import parse_data_flag
     from tuner.data.video import VideoSampling
 
     data = DataConfig()
@@ -94,8 +116,13 @@ def check_command(
             video_max_frames=video_max_frames,
             video_max_pixels=video_max_pixels,
         )
+        first, *more = [parse_data_flag(path, "PATH") for path in paths]
+        more += [parse_data_flag(value, "--reg-data", reg=True) for value in reg_data or []]
         report = check_sdxl_dataset(
-            path,
+            first.path,
+            repeats=first.repeats,
+            more_sources=more,
+            class_prompt=class_prompt,
             image_column=_default(image_column, data.image_column),
             caption_column=_default(caption_column, data.caption_column),
             resolution=_default(resolution, data.resolution),
@@ -103,6 +130,9 @@ def check_command(
             batch_size=_default(batch_size, TrainConfig().batch_size),
             min_size=_default(min_size, SDXL_MIN_SIZE),
             max_image_pixels=_default(max_image_pixels, data.max_image_pixels),
+            # A mask folder says masks are wanted.
+            masked_loss=masked_loss or mask_dir is not None,
+            mask_dir=mask_dir,
         )
     else:
         _refuse_options(
@@ -112,10 +142,19 @@ def check_command(
             resolution=resolution,
             bucket_step=bucket_step,
             batch_size=batch_size,
+            masked_loss=masked_loss or None,
+            mask_dir=mask_dir,
+            reg_data=reg_data,
+            class_prompt=class_prompt,
         )
+        if len(paths) > 1:
+            raise ConfigError(
+                f"qwenvl checks one conversations file at a time; got {len(paths)}: {' '.join(paths)}",
+                hint="run `tuner data check qwenvl FILE` for each file",
+            )
         min_pixels, max_pixels = _default(min_pixels, data.min_pixels), _default(max_pixels, data.max_pixels)
         report = check_qwenvl_dataset(
-            path,
+            paths[0],
             image_root=image_root,
             processor=_load_processor(model, min_pixels, max_pixels),
             min_pixels=min_pixels,

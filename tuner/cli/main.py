@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 from tuner import __version__
 from tuner.cli import options
+from tuner.cli.class_images import generate_class_images_command
 from tuner.cli.convert import convert_command
 from tuner.cli.data import data_app
 from tuner.cli.eval import eval_app
@@ -49,6 +50,7 @@ app.add_typer(eval_app, name="eval")
 app.command("merge")(merge_command)
 app.command("report")(report_command)
 app.command("convert")(convert_command)
+app.command("generate-class-images")(generate_class_images_command)
 app.command("selftest")(selftest_command)
 app.command("serve-command")(serve_command)
 

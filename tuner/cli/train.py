@@ -95,6 +95,41 @@ LogWith = Annotated[
         help="Experiment tracker: tensorboard, wandb, swanlab or mlflow (repeatable; writes into --output).",
     ),
 ]
+MaskedLoss = Annotated[
+    bool | None,
+    typer.Option(
+        "--masked-loss",
+        help="Weigh the loss by a mask per image: white trains, black is ignored (masks/ beside the "
+        "images, --mask-dir, or the alpha channel).",
+    ),
+]
+MaskDir = Annotated[
+    str | None, typer.Option("--mask-dir", help="Folder of masks named like their images (--masked-loss).")
+]
+ImageData = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--data",
+        help="Image folder or dataset; `tiny` for a generated one. Repeatable: the folders mix. PATH@N "
+        "trains each image N times per epoch (style/@2; variety/@0.5: half of them each epoch).",
+    ),
+]
+RegData = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--reg-data",
+        help="Regularisation (class) images, trained with the prior loss; repeatable, PATH@N as --data "
+        "(default: as many class samples per epoch as instance samples).",
+    ),
+]
+ClassPrompt = Annotated[
+    str | None,
+    typer.Option("--class-prompt", help="Caption of a --reg-data image without a caption file."),
+]
+PriorLossWeight = Annotated[
+    float | None,
+    typer.Option("--prior-loss-weight", help="Weight of the class images' loss (default 1.0)."),
+]
 MaxNonfinite = Annotated[
     int | None,
     typer.Option("--max-nonfinite", help="Stop after this many NaN/inf steps in a row (default 5)."),
@@ -104,7 +139,10 @@ MaxNonfinite = Annotated[
 @train_app.command("sdxl-lora")
 def sdxl_lora(
     model: options.Model = None,
-    data: options.Data = None,
+    data: ImageData = None,
+    reg_data: RegData = None,
+    class_prompt: ClassPrompt = None,
+    prior_loss_weight: PriorLossWeight = None,
     output: options.Output = None,
     preset: options.Preset = None,
     config: options.ConfigFile = None,
@@ -131,6 +169,8 @@ def sdxl_lora(
     caption_column: CaptionColumn = None,
     caption_prefix: CaptionPrefix = None,
     cache_dir: CacheDir = None,
+    masked_loss: MaskedLoss = None,
+    mask_dir: MaskDir = None,
     overwrite: options.Overwrite = None,
     skip_bad: SkipBad = None,
     max_bad_fraction: MaxBadFraction = None,
@@ -158,6 +198,11 @@ def sdxl_lora(
         "data.caption_column": caption_column,
         "data.caption_prefix": caption_prefix,
         "train.cache_dir": cache_dir,
+        "data.masked_loss": masked_loss,
+        "data.mask_dir": mask_dir,
+        "data.class_prompt": class_prompt,
+        "data.prior_loss_weight": prior_loss_weight,
+        **_image_data_flags(data or [], reg_data or []),
     }
     config_obj = _build(task="sdxl-lora", preset=preset, config_file=config, flags=flags, overrides=set_)
     _relaunch_if_asked(config_obj, locals())
@@ -271,6 +316,22 @@ def _common_flags(arguments: dict[str, Any]) -> dict[str, Any]:
     return {key: arguments[name] for name, key in _COMMON_FLAG_KEYS.items()}
 
 
+def _image_data_flags(data: list[str], reg_data: list[str]) -> dict[str, Any]:
+    """SDXL's `--data PATH[@N]` (repeatable) and `--reg-data DIR[@N]`: the first --data is data.path
+    (and data.repeats), every other one a data.sources entry. Given, they replace the config's sources."""
+    from tuner.data.mixing import parse_data_flag
+
+    sources = [parse_data_flag(value, "--data") for value in data]
+    sources += [parse_data_flag(value, "--reg-data", reg=True) for value in reg_data]
+    flags: dict[str, Any] = {"data.path": None}
+    if data:
+        first, *sources = sources
+        flags |= {"data.path": first.path, "data.repeats": first.repeats}
+    if sources:
+        flags["data.sources"] = [source.model_dump() for source in sources]
+    return flags
+
+
 def _build(
     *, task: str, preset: str | None, config_file: Path | None, flags: dict, overrides: list[str] | None
 ) -> RunConfig:
@@ -287,7 +348,7 @@ def _build(
         raise ConfigError(
             "no output folder given", hint="pass --output DIR (or set output.dir in the config)"
         )
-    if not config.data.path:
+    if not config.data.path and not config.data.sources:
         raise ConfigError("no dataset given", hint="pass --data PATH (or `--data tiny` for a generated one)")
     # Hub settings go into the environment before any recipe imports huggingface_hub.
     hub = config.hub

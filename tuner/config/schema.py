@@ -45,8 +45,23 @@ class ModelConfig(Section):
     liger_kernels: bool = False
 
 
+class DataSource(Section):
+    """One more SDXL image folder mixed into the run (`data.sources`, or `--data` given again)."""
+
+    path: str
+    # Times each image is seen per epoch. Fractional values take a seeded share of each bucket per epoch
+    # (0.5: half of the images, others next epoch). None: the kohya folder prefix (`10_name/` -> 10), else 1.
+    repeats: float | None = Field(None, gt=0)
+    # Regularisation (prior-preservation) images: their loss is the prior loss (data.prior_loss_weight).
+    reg: bool = False
+
+
 class DataConfig(Section):
     path: str | None = None
+    # SDXL: times each image of data.path is seen per epoch, as DataSource.repeats (None: folder prefixes).
+    repeats: float | None = Field(None, gt=0)
+    # SDXL: more folders beside data.path, each with its own repeats (or `reg: true` for class images).
+    sources: list[DataSource] = Field(default_factory=list)
     # Columns for a Hugging Face dataset or a metadata.jsonl/csv folder (SDXL).
     image_column: str = "image"
     caption_column: str = "text"
@@ -91,6 +106,14 @@ class DataConfig(Section):
     skip_bad: bool = False
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     num_workers: int = Field(0, ge=0)
+    # SDXL regularisation images: the caption of a class image without one, and the prior loss's weight
+    # (the loss of class images, logged apart from the instance loss).
+    class_prompt: str | None = None
+    prior_loss_weight: float = Field(1.0, ge=0.0)
+    # SDXL masked loss: a mask per image (white trains, black is ignored, grey weighs in between) from
+    # mask_dir (default: `masks/` beside the images) or the image's alpha channel.
+    masked_loss: bool = False
+    mask_dir: str | None = None
 
 
 class LoraConfig(Section):

@@ -114,10 +114,11 @@ def apply_crop(image: Image.Image, plan: CropPlan, flip: bool = False) -> Image.
     return resized.crop((left, top, left + plan.bucket[0], top + plan.bucket[1]))
 
 
-def bucket_histogram(assignments: Sequence[tuple[int, int]], batch_size: int) -> str:
-    """A table of images per bucket, noting buckets that cannot fill one batch."""
+def bucket_histogram(assignments: Sequence[tuple[int, int]], batch_size: int, unit: str = "images") -> str:
+    """A table of images (or `unit`: samples, repeats counted) per bucket, noting buckets that cannot fill
+    one batch."""
     counts = Counter(assignments)
-    lines = [f"{'bucket':>11}  {'images':>6}  {'aspect':>6}"]
+    lines = [f"{'bucket':>11}  {unit:>6}  {'aspect':>6}"]
     for (width, height), count in sorted(counts.items(), key=lambda item: -item[0][0] / item[0][1]):
         line = f"{f'{width}x{height}':>11}  {count:>6}  {width / height:>6.2f}"
         if count < batch_size:

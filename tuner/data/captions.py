@@ -42,8 +42,15 @@ from tuner.data.problems import Problem
 from tuner.errors import DataError
 
 METADATA_IMAGE_KEY = "file_name"
+# CaptionedImage.mask of an image whose alpha channel is its mask.
+ALPHA_MASK = "alpha"
+# The folder beside a set of images that holds their loss masks (never scanned for training images).
+MASK_FOLDER = "masks"
 _DATASET_FILE_SUFFIXES = frozenset({".parquet", ".arrow"})
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+# kohya's folder convention: `10_sks dog/` trains its images 10 times per epoch; "sks dog" captions an
+# image of it that has no caption file.
+_KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,11 @@ class CaptionedImage:
     image: Path | DatasetRow
     caption: str
     source: str
+    # The loss mask (data.masked_loss): a mask image file, ALPHA_MASK (the image's own alpha channel),
+    # or None (every pixel trains).
+    mask: Path | str | None = None
+    # A regularisation (class) image: its loss is the prior loss.
+    prior: bool = False
 
     def load(
         self, background: tuple[int, int, int] = (255, 255, 255), max_pixels: int = DEFAULT_MAX_PIXELS
@@ -93,6 +105,39 @@ class CaptionScan:
     # Trainable but worth a look: an image whose content another sample already has (it stays in
     # `samples`, so it trains twice as often, as kohya and diffusers would train it).
     warnings: list[Problem] = field(default_factory=list)
+    # The scanned folder (None for a dataset name); the kohya `N_words/` folders under it are found
+    # with `kohya_folder_of`.
+    root: Path | None = None
+    # Images without a caption file that got one anyway: where the caption came from -> how many
+    # (`folder NAME` for kohya's folder rule, `class prompt` for data.class_prompt).
+    filled_captions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KohyaFolder:
+    """A folder named `N_words` (kohya's convention): N repeats per epoch, and the class/identifier words."""
+
+    repeats: int
+    words: str
+
+
+def parse_kohya_folder(name: str) -> KohyaFolder | None:
+    """`"10_sks dog"` -> KohyaFolder(10, "sks dog"); None for names that are not `N_words` with N >= 1."""
+    match = _KOHYA_FOLDER.match(name)
+    if match is None or int(match.group(1)) < 1:
+        return None
+    return KohyaFolder(int(match.group(1)), match.group(2).strip())
+
+
+def kohya_folder_of(image: Path, root: Path) -> Path | None:
+    """The innermost `N_words` folder between `root` (not itself: it is the dataset, not a subset) and
+    `image`, or None."""
+    for folder in image.parents:
+        if folder == root or not folder.is_relative_to(root):
+            return None
+        if parse_kohya_folder(folder.name) is not None:
+            return folder
+    return None
 
 
 def scan_caption_dataset(
@@ -103,8 +148,13 @@ def scan_caption_dataset(
     check_images: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = 0,
+    class_prompt: str | None = None,
 ) -> CaptionScan:
     """Find the samples and problems of the dataset at `path` (a folder, or a dataset name).
+
+    In a folder-txt dataset an image without a caption file is captioned with its kohya folder's words
+    (`10_sks dog/` -> "sks dog"), else with `class_prompt` when given, else it is a problem; the scan
+    counts such captions in `filled_captions`.
 
     `check_images=True` also decodes every image (`inspect_image`), reporting unreadable, oversized
     (`max_pixels`) and undersized (`min_side`) ones. Samples are in sorted path order (row order for a
@@ -137,7 +187,9 @@ def scan_caption_dataset(
         return _scan_metadata(root, csv_file, "metadata-csv", caption_column, images)
     image_files, caption_files, other_files = _walk(root)
     if image_files:
-        return _scan_folder_txt(image_files, caption_files, images)
+        scan = _scan_folder_txt(root, image_files, caption_files, images, class_prompt)
+        scan.root = root
+        return scan
     if any(file.suffix.lower() in _DATASET_FILE_SUFFIXES for file in other_files):
         return _scan_hf_dataset(str(root), False, image_column, caption_column, images)
     raise DataError(
@@ -211,11 +263,13 @@ def _walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
     """Images, .txt files and other files under `root`, sorted.
 
     Hidden files and folders are skipped: macOS `._name.jpg` resource forks and `.ipynb_checkpoints`
-    carry image extensions without being images. Symlinked folders are not followed (no loops).
+    carry image extensions without being images. So are `masks/` folders: they hold the loss masks of
+    the images beside them (`tuner.data.masks`), not training images. Symlinked folders are not
+    followed (no loops).
     """
     images, captions, others = [], [], []
     for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        subfolders[:] = [name for name in subfolders if not name.startswith(".") and name != MASK_FOLDER]
         for name in files:
             if name.startswith("."):
                 continue
@@ -225,12 +279,29 @@ def _walk(root: Path) -> tuple[list[Path], list[Path], list[Path]]:
     return sorted(images), sorted(captions), sorted(others)
 
 
-def _scan_folder_txt(image_files: list[Path], caption_files: list[Path], checks: _ImageChecks) -> CaptionScan:
+def _scan_folder_txt(
+    root: Path,
+    image_files: list[Path],
+    caption_files: list[Path],
+    checks: _ImageChecks,
+    class_prompt: str | None,
+) -> CaptionScan:
     captions_by_stem = {file.with_suffix(""): file for file in caption_files}
     samples: list[CaptionedImage] = []
     problems: list[Problem] = []
+    filled: dict[str, int] = {}
     for image in image_files:
         caption_file = captions_by_stem.get(image.with_suffix(""))
+        filled_from = _filled_caption(image, root, class_prompt) if caption_file is None else None
+        if filled_from is not None:
+            origin, caption = filled_from
+            problem = _check_file(image, str(image), None, str(image), checks)
+            if problem is not None:
+                problems.append(problem)
+                continue
+            filled[origin] = filled.get(origin, 0) + 1
+            samples.append(CaptionedImage(image=image, caption=caption, source=str(image)))
+            continue
         if caption_file is None:
             problems.append(
                 Problem(
@@ -258,7 +329,19 @@ def _scan_folder_txt(image_files: list[Path], caption_files: list[Path], checks:
         for caption_file in caption_files
         if caption_file.with_suffix("") not in image_stems
     )
-    return CaptionScan(samples, problems, "folder-txt", checks.warnings)
+    return CaptionScan(samples, problems, "folder-txt", checks.warnings, filled_captions=filled)
+
+
+def _filled_caption(image: Path, root: Path, class_prompt: str | None) -> tuple[str, str] | None:
+    """(where from, caption) for an image without a caption file: kohya's folder words, else the class
+    prompt; None when neither applies (a missing caption is then a problem)."""
+    folder = kohya_folder_of(image, root)
+    words = parse_kohya_folder(folder.name).words if folder is not None else ""
+    if folder is not None and words:
+        return f"folder {folder.name}", words
+    if class_prompt:
+        return "class prompt", class_prompt
+    return None
 
 
 def _read_caption_file(file: Path) -> tuple[str, Problem | None]:

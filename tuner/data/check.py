@@ -22,10 +22,13 @@ from typing import Any
 
 from PIL import Image
 
+from tuner.config.schema import DataSource
 from tuner.data.buckets import bucket_histogram, nearest_bucket, sdxl_buckets
 from tuner.data.captions import DatasetRow, scan_caption_dataset
 from tuner.data.conversations import Conversation, load_conversations
 from tuner.data.images import DEFAULT_MAX_PIXELS, inspect_image
+from tuner.data.masks import find_masks
+from tuner.data.mixing import balance_regularisation, epoch_buckets, format_mix, mix_rows, split_portions
 from tuner.data.problems import Problem
 from tuner.data.video import (
     VideoSampling,
@@ -52,6 +55,8 @@ _STAT_LABELS = {
     "tokens": "length (tokens)",
     "video_frames": "frames per video",
     "video_tokens": "tokens per video",
+    "captions_from_folder_names": "kohya folder captions",
+    "captions_from_class_prompt": "class prompt captions",
 }
 
 
@@ -67,6 +72,8 @@ class DataReport:
     histogram: str  # the bucket (SDXL) or token-length (Qwen-VL) histogram
     # Samples that train but may be a mistake (duplicates): reported, never refused, counted in samples_ok.
     warnings: list[Problem] = field(default_factory=list)
+    # SDXL with repeats or several sources: one row per folder (`tuner.data.mixing.mix_rows`).
+    mix: list[dict] = field(default_factory=list)
 
     def problem_counts(self) -> dict[str, int]:
         """Problems per kind, most frequent first."""
@@ -90,6 +97,7 @@ class DataReport:
             "warnings": [asdict(warning) for warning in self.warnings],
             "stats": self.stats,
             "histogram": self.histogram,
+            "mix": self.mix,
         }
 
     def format_text(self, limit: int | None = None) -> str:
@@ -114,6 +122,8 @@ class DataReport:
             )
         )
         lines.extend(_format_stats(self.stats))
+        if self.mix:
+            lines.extend(["", format_mix(self.mix)])
         if self.histogram:
             lines.extend(["", self.histogram])
         return "\n".join(lines)
@@ -140,35 +150,89 @@ def check_sdxl_dataset(
     batch_size: int = 1,
     min_size: int = SDXL_MIN_SIZE,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    masked_loss: bool = False,
+    mask_dir: str | Path | None = None,
+    repeats: float | None = None,
+    more_sources: Sequence[DataSource] = (),
+    class_prompt: str | None = None,
 ) -> DataReport:
-    """Check a captioned-image dataset (any layout `scan_caption_dataset` reads), decoding every image."""
+    """Check a captioned-image dataset (any layout `scan_caption_dataset` reads), decoding every image.
+
+    `repeats` (else kohya `N_words/` folder prefixes) and `more_sources` (more instance folders, and
+    regularisation ones whose images are captioned with `class_prompt` when they have no caption file)
+    are checked alike and reported
+    as training mixes them: `mix` holds images, repeats and samples per epoch per folder, the histogram
+    counts samples per epoch, and `stats` counts the captions filled from folder names or the class prompt.
+
+    With `masked_loss`, also find every image's loss mask (`tuner.data.masks.find_masks`): mask problems
+    (size mismatch, all black, unreadable) join the problems, and `stats["masks"]` counts the images
+    with a mask file, an alpha-channel mask and none."""
     buckets = sdxl_buckets(resolution, bucket_step)
-    scan = scan_caption_dataset(
-        path,
-        image_column,
-        caption_column,
-        check_images=True,
-        max_pixels=max_image_pixels,
-        min_side=min_size,
+    sources = [DataSource(path=str(path), repeats=repeats), *more_sources]
+    scans = [
+        scan_caption_dataset(
+            source.path,
+            image_column,
+            caption_column,
+            check_images=True,
+            max_pixels=max_image_pixels,
+            min_side=min_size,
+            class_prompt=class_prompt if source.reg else None,
+        )
+        for source in sources
+    ]
+    portions = balance_regularisation(
+        [
+            portion
+            for source, scan in zip(sources, scans, strict=True)
+            for portion in split_portions(source, scan)
+        ]
     )
-    sizes = [_upright_size(_encoded(sample.image)) for sample in scan.samples]
+    scan = scans[0]  # the layout reported is data.path's
+    samples = [sample for portion in portions for sample in portion.samples]
+    problems = [problem for each in scans for problem in each.problems]
+    warnings = [warning for each in scans for warning in each.warnings]
+    filled: Counter[str] = Counter()
+    for each in scans:
+        for origin, count in each.filled_captions.items():
+            filled["class prompt" if origin == "class prompt" else "folder name"] += count
+    mask_stats: dict = {}
+    if masked_loss:
+        masks = find_masks(samples, mask_dir, max_image_pixels)
+        samples, problems = masks.samples, problems + masks.problems
+        counts = masks.counts
+        mask_stats = {"masks_from_files": counts.files, "masks_from_alpha": counts.alpha}
+        mask_stats["images_without_mask"] = counts.none
+    sizes = [_upright_size(_encoded(sample.image)) for sample in samples]
     stats: dict = {
         "layout": scan.layout,
         **_image_stats(sizes),
-        "caption_words": _spread([len(sample.caption.split()) for sample in scan.samples]),
+        "caption_words": _spread([len(sample.caption.split()) for sample in samples]),
         "resolution": resolution,
         "batch_size": batch_size,
+        **mask_stats,
+        "captions_from_folder_names": filled["folder name"] or None,
+        "captions_from_class_prompt": filled["class prompt"] or None,
     }
-    assignments = [nearest_bucket(width, height, buckets) for width, height in sizes]
-    histogram = bucket_histogram(assignments, batch_size) if assignments else ""
+    # Bucket per image of every portion (also the ones a mask problem leaves out: the mix is the plan).
+    image_buckets = [
+        nearest_bucket(*_upright_size(_encoded(sample.image)), buckets)
+        for portion in portions
+        for sample in portion.samples
+    ]
+    mix = mix_rows(portions, image_buckets)
+    trivial = len(portions) == 1 and portions[0].repeats == 1
+    assignments = image_buckets if trivial else epoch_buckets(portions, image_buckets)
+    histogram = bucket_histogram(assignments, batch_size, "images" if trivial else "samples")
     return DataReport(
         "sdxl",
-        str(path),
-        len(scan.samples),
-        _in_file_order(scan.problems),
+        " + ".join(source.path for source in sources),
+        len(samples),
+        _in_file_order(problems),
         stats,
-        histogram,
-        _in_file_order(scan.warnings),
+        histogram if assignments else "",
+        _in_file_order(warnings),
+        mix=[] if trivial else mix,
     )
 
 

@@ -11,7 +11,7 @@ import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
@@ -27,6 +27,7 @@ DEFAULT_MAX_PIXELS = 178_956_970
 _MAX_PIXELS_SETTING = "data.max_image_pixels"
 _TRANSPARENT_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})
 _SRGB = ImageCms.createProfile("sRGB")
+T = TypeVar("T")
 
 
 class UnusableImage(DataError):
@@ -54,7 +55,7 @@ def load_image_rgb(
             )
         )
     _refuse_empty(path.stat().st_size, str(path))
-    return _decode(lambda: path.open("rb"), str(path), background, max_pixels)
+    return _decode(lambda: path.open("rb"), str(path), background, max_pixels, _to_rgb)
 
 
 def decode_image_rgb(
@@ -65,7 +66,20 @@ def decode_image_rgb(
 ) -> Image.Image:
     """`load_image_rgb` for encoded bytes (an image stored inside a dataset); `name` is used in messages."""
     _refuse_empty(len(data), name)
-    return _decode(lambda: io.BytesIO(data), name, background, max_pixels)
+    return _decode(lambda: io.BytesIO(data), name, background, max_pixels, _to_rgb)
+
+
+def load_alpha(image: Path | bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | None:
+    """The upright alpha channel (mode "L") of a file or encoded bytes, or None when the image has none.
+
+    Decodes as `load_image_rgb` does (EXIF orientation, size limit, the same `UnusableImage` errors), so
+    the channel lines up pixel for pixel with the RGB image training sees.
+    """
+    if isinstance(image, Path):
+        _refuse_empty(image.stat().st_size, name)
+        return _decode(lambda: image.open("rb"), name, (0, 0, 0), max_pixels, _alpha_channel)
+    _refuse_empty(len(image), name)
+    return _decode(lambda: io.BytesIO(image), name, (0, 0, 0), max_pixels, _alpha_channel)
 
 
 def inspect_image(path: Path, max_pixels: int, min_side: int = 0) -> Problem | None:
@@ -118,7 +132,9 @@ def _decode(
     name: str,
     background: tuple[int, int, int],
     max_pixels: int,
-) -> Image.Image:
+    finish: Callable[[Image.Image, tuple[int, int, int]], T],
+) -> T:
+    """`finish(upright image, background)`: `_to_rgb` for training's RGB, `_alpha_channel` for a mask."""
     _let_pillow_open(max_pixels)
     try:
         with open_file() as file, warnings.catch_warnings():
@@ -128,7 +144,7 @@ def _decode(
             _refuse_too_large(image.size, name, max_pixels)
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _to_rgb(image, background)
+            return finish(image, background)
     except Image.DecompressionBombError:
         # Pillow's own guard fired inside Image.open; report it in our words with the header's size.
         _refuse_too_large(_header_size(open_file), name, max_pixels)
@@ -197,6 +213,13 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     if image.mode in ("CMYK", "RGB") and image.info.get("icc_profile"):
         return _to_srgb(image)
     return image.convert("RGB")
+
+
+def _alpha_channel(image: Image.Image, _background: tuple[int, int, int]) -> Image.Image | None:
+    # The images `_to_rgb` composites onto the background, and no others, have an alpha channel.
+    if image.mode in _TRANSPARENT_MODES or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA").getchannel("A")
+    return None
 
 
 def _grey_to_uint8(values: np.ndarray) -> np.ndarray:

@@ -323,8 +323,14 @@ _RECORD_TO_KOHYA = {
     "steps": ("ss_steps", "ss_max_train_steps"),
     "epochs": ("ss_epoch", "ss_num_epochs"),
     "images": ("ss_num_train_images",),
+    # Instance samples per epoch, repeats counted (kohya's count); files before repeats record only images.
+    "train_samples": ("ss_num_train_images",),
+    "reg_samples": ("ss_num_reg_images",),
+    "dataset_dirs": ("ss_dataset_dirs",),
+    "reg_dataset_dirs": ("ss_reg_dataset_dirs",),
     "tag_frequency": ("ss_tag_frequency",),
     "caption_prefix": ("modelspec.trigger_phrase",),
+    "masked_loss": ("ss_masked_loss",),
 }
 
 

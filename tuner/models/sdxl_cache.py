@@ -13,6 +13,12 @@ There are two kinds of entry, so each input invalidates only what it feeds:
   model fingerprint and the cache format version;
 * a **text entry** is keyed by the caption (after the prefix), the model fingerprint and the format.
 
+With masked loss (`data.masked_loss`), the latent entry of an image with a mask also holds the mask at
+latent resolution (`<key>.mask`), and its key also holds the mask file's content hash (or `alpha`):
+editing a mask re-encodes its image's entry. The mask is resized, cropped and flipped exactly as its
+image (`apply_crop` with the image's plan), then area-averaged down to the latents' size; an image
+without a mask gets a mask of ones, which is not stored.
+
 Editing one caption re-encodes one text entry, replacing one image or changing its bucket re-encodes
 its latents, and another VAE or text encoder (another fingerprint) re-encodes everything. Entries no
 sample refers to any more stay on disk (delete the folder to reclaim the space); identical inputs share
@@ -51,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from filelock import FileLock
 from PIL import Image
 from safetensors import SafetensorError, safe_open
@@ -59,6 +66,7 @@ from tqdm.auto import tqdm
 
 from tuner.data.buckets import CropPlan, apply_crop
 from tuner.data.captions import CaptionedImage, transform_caption
+from tuner.data.masks import load_mask
 from tuner.data.sampling import epoch_of
 from tuner.errors import DataError
 from tuner.models.sdxl import SDXLComponents, compute_time_ids, encode_latents, encode_prompt
@@ -155,6 +163,7 @@ def build_sdxl_dataset(
     device: torch.device,
     accelerator: Any = None,
     batch_size: int = 4,
+    masked_loss: bool = False,
 ) -> SDXLDataset:
     """The training dataset for `samples` cropped by `plans` (one plan per sample).
 
@@ -162,6 +171,7 @@ def build_sdxl_dataset(
     With `cache=True` every entry not yet cached is encoded before this returns, on the device the
     encoders are on (inputs go to `device`); see the module docstring for what items hold. The dataset
     keeps no reference to `components`, so the recipe can free the encoders it no longer needs.
+    With `masked_loss`, items also hold `mask` ((1, h, w) at latent resolution; see `latent_mask`).
     """
     if len(samples) != len(plans):
         raise ValueError(f"{len(samples)} samples but {len(plans)} crop plans")
@@ -173,6 +183,7 @@ def build_sdxl_dataset(
         max_image_pixels=max_image_pixels,
         random_flip=random_flip,
         seed=seed,
+        mask_scale=vae_scale_factor(components) if masked_loss else None,
     )
     items = [_Item(sample, plan, _time_ids(plan)) for sample, plan in zip(samples, plans, strict=True)]
     if not cache:
@@ -180,7 +191,9 @@ def build_sdxl_dataset(
 
     store = ShardStore(Path(cache_dir) / model_fingerprint[:16], model_fingerprint)
     flips = (False, True) if random_flip else (False,)
-    latent_keys = [_latent_keys(item, flips, settings.background, model_fingerprint) for item in items]
+    latent_keys = [
+        _latent_keys(item, flips, settings.background, model_fingerprint, masked_loss) for item in items
+    ]
     text_per_step = bool(caption_options.get("shuffle_tags")) or caption_options.get("dropout", 0.0) > 0
     prefix = caption_options.get("prefix", "")
     cache_captions = (
@@ -225,10 +238,12 @@ def _caption_at_cache_time(caption: str, prefix: str) -> str:
 
 
 def _latent_keys(
-    item: _Item, flips: Sequence[bool], background: tuple[int, int, int], fingerprint: str
+    item: _Item, flips: Sequence[bool], background: tuple[int, int, int], fingerprint: str, masked: bool
 ) -> dict[bool, str]:
     plan = item.plan
     image = _content_hash(item.sample)
+    # Only an entry that holds a mask names one: an image without a mask shares the unmasked entry.
+    mask = {"mask": _mask_hash(item.sample)} if masked and item.sample.mask is not None else {}
     return {
         flip: _entry_key(
             kind="latents",
@@ -240,6 +255,7 @@ def _latent_keys(
             original_size=plan.original_size,
             flip=flip,
             background=background,
+            **mask,
         )
         for flip in flips
     }
@@ -272,6 +288,35 @@ def _content_hash(sample: CaptionedImage) -> str:
     return digest.hexdigest()
 
 
+def _mask_hash(sample: CaptionedImage) -> str:
+    """sha256 of the mask file's bytes; `alpha` for an alpha-channel mask (in the image's own hash)."""
+    if not isinstance(sample.mask, Path):
+        return str(sample.mask)
+    return _content_hash(CaptionedImage(image=sample.mask, caption="", source=str(sample.mask)))
+
+
+def vae_scale_factor(components: SDXLComponents) -> int:
+    """Pixels per latent along each side (8 for SDXL's VAE), as diffusers' pipelines compute it."""
+    return 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+
+def latent_mask(
+    sample: CaptionedImage, plan: CropPlan, flip: bool, scale: int, max_pixels: int
+) -> torch.Tensor:
+    """The (1, h, w) float mask of one training image at latent resolution (h, w = bucket // scale).
+
+    The mask goes through the image's own resize, flip and crop (`apply_crop` with its plan), so each
+    mask pixel stays on its image pixel; then each latent takes the mean of the `scale` x `scale`
+    pixels it encodes (area averaging). A sample without a mask gets ones (every pixel trains).
+    """
+    size = (plan.bucket[1] // scale, plan.bucket[0] // scale)
+    if sample.mask is None:
+        return torch.ones((1, *size))
+    pixels = apply_crop(load_mask(sample, max_pixels), plan, flip=flip)
+    mask = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0)
+    return F.interpolate(mask[None, None], size=size, mode="area")[0]
+
+
 def _cache_latents(
     writer: _ShardWriter,
     components: SDXLComponents,
@@ -292,8 +337,11 @@ def _cache_latents(
                 )
                 with torch.no_grad():
                     latents = encode_latents(components, pixels)
-                for (key, _, _), latent in zip(batch, latents, strict=True):
-                    writer.add(key, {"latents": latent})
+                for (key, item, flip), latent in zip(batch, latents, strict=True):
+                    tensors = {"latents": latent}
+                    if settings.mask_scale is not None and item.sample.mask is not None:
+                        tensors["mask"] = _item_mask(item, flip, settings)
+                    writer.add(key, tensors)
                 bar.update(len(batch))
 
 
@@ -323,6 +371,11 @@ def _chunks(values: list, size: int) -> Iterator[list]:
 def _pixel_values(item: _Item, flip: bool, settings: _SampleSettings) -> torch.Tensor:
     image = item.sample.load(settings.background, settings.max_image_pixels)
     return _to_model_range(apply_crop(image, item.plan, flip=flip))
+
+
+def _item_mask(item: _Item, flip: bool, settings: _SampleSettings) -> torch.Tensor:
+    assert settings.mask_scale is not None
+    return latent_mask(item.sample, item.plan, flip, settings.mask_scale, settings.max_image_pixels)
 
 
 def _to_model_range(image: Image.Image) -> torch.Tensor:
@@ -468,6 +521,8 @@ class _SampleSettings:
     max_image_pixels: int
     random_flip: bool
     seed: int
+    # Pixels per latent side when items carry a loss mask (data.masked_loss), else None.
+    mask_scale: int | None = None
 
 
 @dataclass(frozen=True)
@@ -490,7 +545,8 @@ class SDXLDataset(torch.utils.data.Dataset):
 
     Cached: `latents`, `prompt_embeds`, `pooled_prompt_embeds` (or `caption` when the text is encoded
     per step), `time_ids`, `source`. Uncached: `pixel_values` (CHW in [-1, 1]), `caption`, `time_ids`,
-    `source`.
+    `source`. Both: `prior` (a 0-d bool tensor: a regularisation image, whose loss is the prior loss),
+    and with masked loss `mask` ((1, h, w) float at latent resolution, 1 = trained, 0 = ignored).
     """
 
     def __init__(self, items: list[_Item], settings: _SampleSettings, cached: list[_CachedRefs] | None):
@@ -516,6 +572,8 @@ class SDXLDataset(torch.utils.data.Dataset):
         else:
             refs = self._cached[index]
             result["latents"] = self._read(*refs.latents[flip], "latents")
+            if settings.mask_scale is not None and item.sample.mask is not None:
+                result["mask"] = self._read(*refs.latents[flip], "mask")
             if refs.text is not None:
                 for name in _TEXT_TENSORS:
                     result[name] = self._read(*refs.text, name)
@@ -531,6 +589,9 @@ class SDXLDataset(torch.utils.data.Dataset):
             )
         result["time_ids"] = item.time_ids.clone()
         result["source"] = item.sample.source
+        result["prior"] = torch.tensor(item.sample.prior)
+        if settings.mask_scale is not None and "mask" not in result:
+            result["mask"] = _item_mask(item, flip, settings)
         return result
 
     def _read(self, shard: str, key: str, name: str) -> torch.Tensor:

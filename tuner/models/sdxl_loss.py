@@ -8,6 +8,7 @@ diffusers examples) and `pyramid_noise_discount` (multi-resolution "pyramid" noi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from tuner.errors import ConfigError, ModelError
 from tuner.models.sdxl import SDXLComponents, encode_latents, encode_prompt
 from tuner.models.sdxl_lora import has_lora
+
+if TYPE_CHECKING:
+    from tuner.training.loop import LossParts
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Pyramid noise stops after this many octaves, or earlier at a 1x1 level.
@@ -163,8 +167,12 @@ def diffusion_loss(
     time_ids: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
+    reduction: Literal["mean", "none"] = "mean",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean (optionally min-SNR weighted) MSE between the UNet's prediction and the target, in fp32."""
+    """Mean (optionally min-SNR weighted) MSE between the UNet's prediction and the target, in fp32;
+    with `reduction="none"` each sample's loss (shape B), for weighting samples (`prior_weighted_loss`).
+    With a `mask` (B, 1, h, w), each sample's error is the mask-weighted mean (`masked_mean`)."""
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     if settings.prediction_type == "epsilon":
         target = noise
@@ -178,14 +186,53 @@ def diffusion_loss(
         added_cond_kwargs={"text_embeds": pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
         return_dict=False,
     )[0]
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
-        dim=tuple(range(1, prediction.ndim))
-    )
+    squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if mask is None:
+        per_sample = squared_error.mean(dim=tuple(range(1, prediction.ndim)))
+    else:
+        per_sample = masked_mean(squared_error, mask)
     if settings.snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(
             snr(noise_scheduler, timesteps), settings.snr_gamma, settings.prediction_type
         )
-    return per_sample.mean()
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def masked_mean(squared_error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each sample's squared error weighted by its (B, 1, h, w) mask, divided by the mask's area.
+
+    Dividing by the area (the mask's sum over h and w, times the channels) instead of by every latent
+    keeps the loss of the trained part at the scale of an unmasked loss, so a small mask does not shrink
+    the learning rate. A mask of ones gives exactly the unmasked mean. A sample whose crop kept no
+    masked-in pixel has a loss of zero (its area is clamped, not divided by).
+    """
+    mask = mask.to(device=squared_error.device, dtype=squared_error.dtype)
+    dims = tuple(range(1, squared_error.ndim))
+    area = mask.sum(dim=dims) * squared_error.shape[1]
+    return (squared_error * mask).sum(dim=dims) / area.clamp(min=torch.finfo(area.dtype).tiny)
+
+
+def prior_weighted_loss(
+    per_sample: torch.Tensor, prior: torch.Tensor | None, prior_loss_weight: float
+) -> tuple[torch.Tensor, LossParts]:
+    """The batch's loss with class (prior) samples weighted, and its instance and prior parts for logging.
+
+    kohya's semantics: a regularisation image is a member of the batch whose loss weighs
+    `prior_loss_weight` (instance images weigh 1), and the loss is the mean over the whole batch. The
+    parts are (sum of the unweighted per-sample losses, number of samples) per kind. Without prior
+    samples every weight is exactly 1.0, so the loss is bit for bit `per_sample.mean()`.
+    """
+    if prior is None:
+        prior = torch.zeros(per_sample.shape, dtype=torch.bool, device=per_sample.device)
+    prior = prior.to(per_sample.device)
+    weights = torch.where(prior, prior_loss_weight, 1.0).to(per_sample.dtype)
+    values = per_sample.detach()
+    # torch.where, not values[prior]: boolean indexing would wait for the device on every batch.
+    parts = {
+        "instance": (torch.where(prior, 0.0, values).sum(), (~prior).sum()),
+        "prior": (torch.where(prior, values, 0.0).sum(), prior.sum()),
+    }
+    return (per_sample * weights).mean(), parts
 
 
 class SDXLLoraModel(torch.nn.Module):
@@ -197,6 +244,13 @@ class SDXLLoraModel(torch.nn.Module):
     generator when the batch has `sample_seed` (see `tuner.distributed.PerSampleSeeds`), else from the
     global torch RNG (seeded by the loop). Only the modules a batch needs are registered, so a cached
     run leaves the VAE and text encoders off the accelerator.
+
+    A batch's `mask` ((B, 1, h, w) at latent resolution, 1 = trained; `data.masked_loss`) weighs each
+    latent's error (see `masked_mean`); without one the loss is the plain mean.
+
+    A batch's `prior` (bool, B) marks regularisation (class) images, whose loss weighs
+    `prior_loss_weight` (see `prior_weighted_loss`); `model(batch, with_parts=True)` also returns the
+    instance and prior parts of the loss, for the loop to log.
     """
 
     def __init__(
@@ -206,6 +260,7 @@ class SDXLLoraModel(torch.nn.Module):
         *,
         encodes_images: bool,
         encodes_captions: bool,
+        prior_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.unet = components.unet
@@ -214,8 +269,9 @@ class SDXLLoraModel(torch.nn.Module):
         self.text_encoder_2 = components.text_encoder_2 if encodes_captions else None
         self.components = components
         self.settings = settings
+        self.prior_loss_weight = prior_loss_weight
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict, with_parts: bool = False) -> torch.Tensor | tuple[torch.Tensor, LossParts]:
         device = self.unet.device
         latents = batch.get("latents")
         if latents is None:
@@ -234,7 +290,7 @@ class SDXLLoraModel(torch.nn.Module):
         else:
             noise = sample_noise(latents, self.settings)
             timesteps = sample_timesteps(latents.shape[0], self.settings, device)
-        return diffusion_loss(
+        per_sample = diffusion_loss(
             self.unet,
             self.components.noise_scheduler,
             self.settings,
@@ -244,4 +300,8 @@ class SDXLLoraModel(torch.nn.Module):
             time_ids=batch["time_ids"].to(device),
             noise=noise,
             timesteps=timesteps,
+            reduction="none",
+            mask=batch.get("mask"),
         )
+        loss, parts = prior_weighted_loss(per_sample, batch.get("prior"), self.prior_loss_weight)
+        return (loss, parts) if with_parts else loss

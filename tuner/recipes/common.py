@@ -17,7 +17,7 @@ from tuner.training.trackers import start_trackers
 
 def open_output_folder(config: RunConfig, task: str, resume: str | None) -> Path:
     """The run's output folder, ready for a new run, an overwrite or a resume (see prepare_output_folder)."""
-    if not config.output.dir or not config.data.path:
+    if not config.output.dir or not (config.data.path or config.data.sources):
         raise ConfigError(f"{task} needs output.dir and data.path", hint="pass --output DIR and --data PATH")
     output_dir = Path(config.output.dir)
     for note in prepare_output_folder(

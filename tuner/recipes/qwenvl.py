@@ -102,6 +102,13 @@ UNUSED_KEYS = (
     "data.caption_dropout",
     "data.shuffle_tags",
     "data.keep_tags",
+    # Repeats, mixed folders and regularisation images are SDXL's (kohya's dataset conventions).
+    "data.repeats",
+    "data.sources",
+    "data.class_prompt",
+    "data.prior_loss_weight",
+    "data.masked_loss",
+    "data.mask_dir",
     "lora.text_encoder",
     "lora.text_encoder_lr",
     "train.cache",

@@ -18,6 +18,7 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,11 +26,23 @@ from accelerate.utils import set_seed
 
 import tuner
 from tuner.config.keys import check_evaluation_keys, refuse_unused_keys
-from tuner.config.schema import DataConfig, LoraConfig, RunConfig
+from tuner.config.schema import DataConfig, DataSource, LoraConfig, RunConfig
 from tuner.data.buckets import CropPlan, bucket_histogram, nearest_bucket, plan_crop, sdxl_buckets
 from tuner.data.captions import CaptionedImage, scan_caption_dataset, tag_frequency
 from tuner.data.check import DataReport
-from tuner.data.sampling import GroupedBatchSampler, split_validation
+from tuner.data.masks import find_masks, mask_counts
+from tuner.data.mixing import (
+    Portion,
+    balance_regularisation,
+    epoch_buckets,
+    expand_repeats,
+    filled_caption_notes,
+    format_mix,
+    hold_out_validation,
+    mix_rows,
+    split_portions,
+)
+from tuner.data.sampling import GroupedBatchSampler
 from tuner.distributed import PerSampleSeeds, launched_rank
 from tuner.errors import ConfigError
 from tuner.models.sdxl import SDXLComponents, load_sdxl
@@ -58,7 +71,7 @@ from tuner.runtime.device import (
 from tuner.tiny.datasets import resolve_tiny_dataset
 from tuner.training.bad_data import admit_dataset
 from tuner.training.ema import parameters_replaced
-from tuner.training.loop import TrainingJob, run_training, settings_from_config
+from tuner.training.loop import LossParts, TrainingJob, run_training, settings_from_config
 from tuner.training.optim import build_lr_scheduler, build_optimizer
 from tuner.training.trackers import finish_trackers, log_sample_images
 
@@ -109,7 +122,13 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
         )
     output_dir = open_output_folder(config, TASK, resume)
     # The data is checked before any model loads: a refusal costs seconds, not a model load.
-    samples = load_training_samples(config)
+    portions = [
+        replace(portion, samples=tuple(load_masks(config, list(portion.samples))))
+        for portion in load_training_portions(config)
+    ]
+    # A folder whose every image was skipped (--skip-bad) trains nothing and has nothing to balance.
+    portions = [portion for portion in portions if portion.samples]
+    samples = [sample for portion in portions for sample in portion.samples]
     set_seed(config.train.seed)
     model_path, base_model = resolve_base_model(config, TASK)
 
@@ -117,12 +136,26 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     set_cpu_threads(config.runtime.num_threads)
     accelerator = build_accelerator(runtime, config.train.grad_accum, output_dir)
     record_run(config, accelerator, output_dir)
+    if config.data.masked_loss:
+        # Said up front: a mask folder that matched nothing would otherwise train silently unmasked.
+        accelerator.print(mask_counts(samples))
 
-    train_samples, validation_samples = split_validation(
-        samples, config.data.validation_fraction, config.train.seed
+    # Validation measures what the run learns: instance images only, held out before any repeats.
+    # Class (prior) images all train.
+    portions, validation_samples = hold_out_validation(
+        portions, config.data.validation_fraction, config.train.seed
     )
-    train_plans = plan_crops(train_samples, config.data, config.train.seed)
-    accelerator.print(bucket_histogram([plan.bucket for plan in train_plans], config.train.batch_size))
+    portions = balance_regularisation(portions)
+    images = [sample for portion in portions for sample in portion.samples]
+    image_plans = plan_crops(images, config.data, config.train.seed)
+    buckets = [plan.bucket for plan in image_plans]
+    mix = mix_rows(portions, buckets)
+    accelerator.print(format_mix(mix))
+    train_samples, train_plans, shares = expand_repeats(portions, image_plans)
+    has_prior = any(sample.prior for sample in images)
+    accelerator.print(
+        bucket_histogram(epoch_buckets(portions, buckets), config.train.batch_size, unit="samples")
+    )
 
     model_config = config.model
     components = load_sdxl(
@@ -187,10 +220,14 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     first_item = dataset[0]
     encodes_images, encodes_captions = "latents" not in first_item, "prompt_embeds" not in first_item
     model = SDXLLoraModel(
-        components, settings, encodes_images=encodes_images, encodes_captions=encodes_captions
+        components,
+        settings,
+        encodes_images=encodes_images,
+        encodes_captions=encodes_captions,
+        prior_loss_weight=config.data.prior_loss_weight,
     )
     prompts = config.output.sample_prompts or default_sample_prompts(
-        train_samples, config.data.caption_prefix
+        [sample for sample in images if not sample.prior], config.data.caption_prefix
     )
     if not encodes_captions:
         # Every caption is cached, so the text encoders are needed only for the sample prompts: encode
@@ -203,7 +240,12 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
 
     groups = bucket_groups(train_plans)
     batch_sampler = GroupedBatchSampler(
-        groups, batch_size=config.train.batch_size, seed=config.train.seed, shuffle=True, drop_last=False
+        groups,
+        batch_size=config.train.batch_size,
+        seed=config.train.seed,
+        shuffle=True,
+        drop_last=False,
+        shares=shares,
     )
     loop_settings = settings_from_config(config, len(batch_sampler), accelerator.num_processes)
     optim = config.optim
@@ -220,7 +262,9 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
 
     job = TrainingJob(
         model=model,
-        loss_fn=batch_loss,
+        # With class images, the instance and prior losses are logged apart (loss/instance, loss/prior).
+        loss_fn=functools.partial(batch_loss, with_parts=True) if has_prior else batch_loss,
+        loss_parts=("instance", "prior") if has_prior else (),
         dataset=dataset,
         batch_sampler=batch_sampler,
         collate_fn=collate_sdxl,
@@ -244,7 +288,7 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     if accelerator.is_main_process:
         epochs = math.ceil(result.step / steps_per_epoch(len(batch_sampler), config, accelerator))
         metadata = adapter_metadata(
-            config, base_model, train_samples, result.step, epochs, settings.prediction_type
+            config, base_model, images, mix, result.step, epochs, settings.prediction_type
         )
         adapter_file = save_adapters(components, output_dir, ADAPTER_FILE, metadata)
         if config.output.save_format in ("kohya", "both"):
@@ -277,21 +321,83 @@ def steps_per_epoch(batches_per_epoch: int, config: RunConfig, accelerator) -> i
     return math.ceil(math.ceil(batches_per_epoch / accelerator.num_processes) / config.train.grad_accum)
 
 
-def batch_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """The diffusion loss of one batch: `SDXLLoraModel.forward`, called through any wrapper the loop adds."""
-    return model(batch)
+def batch_loss(
+    model: torch.nn.Module, batch: dict, with_parts: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, LossParts]:
+    """The diffusion loss of one batch: `SDXLLoraModel.forward`, called through any wrapper the loop adds
+    (with its instance and prior parts when `with_parts`)."""
+    return model(batch, with_parts=with_parts)
 
 
-def load_training_samples(config: RunConfig) -> list[CaptionedImage]:
-    """Every captioned image of `data.path`; any problem stops the run, listing the first few."""
+def data_sources(data: DataConfig) -> list[DataSource]:
+    """The run's image sources: `data.path` (with `data.repeats`) first, then `data.sources`."""
+    first = [DataSource(path=data.path, repeats=data.repeats)] if data.path else []
+    return first + list(data.sources)
+
+
+def load_training_portions(config: RunConfig) -> list[Portion]:
+    """Every captioned image of every source, split into portions that train alike (kohya `N_words/`
+    folders, repeats, class images); any problem in any source stops the run, listing the first few."""
     data = config.data
-    path = resolve_tiny_dataset(data.path, TASK)
-    scan = scan_caption_dataset(
-        path, data.image_column, data.caption_column, check_images=True, max_pixels=data.max_image_pixels
-    )
+    sources = data_sources(data)
+    if all(source.reg for source in sources):
+        raise ConfigError(
+            "every data source is a regularisation source: there are no instance images to train",
+            hint="pass the images to learn with --data (data.path), the class images with --reg-data",
+        )
+    if data.class_prompt and not any(source.reg for source in sources):
+        raise ConfigError(
+            f"data.class_prompt={data.class_prompt!r} is set, but no source holds class images",
+            hint="add the class images with --reg-data DIR (a data.sources entry with reg: true)",
+        )
+    portions: list[Portion] = []
+    reports: list[DataReport] = []
+    notes: list[str] = []
+    for source in sources:
+        path = resolve_tiny_dataset(source.path, TASK)
+        scan = scan_caption_dataset(
+            path,
+            data.image_column,
+            data.caption_column,
+            check_images=True,
+            max_pixels=data.max_image_pixels,
+            class_prompt=data.class_prompt if source.reg else None,
+        )
+        portions += split_portions(source, scan)
+        reports.append(
+            DataReport("sdxl", str(path), len(scan.samples), scan.problems, {}, "", warnings=scan.warnings)
+        )
+        notes += filled_caption_notes(source.path, scan)
     report = DataReport(
-        "sdxl", str(path), len(scan.samples), scan.problems, stats={}, histogram="", warnings=scan.warnings
+        "sdxl",
+        " + ".join(report.path for report in reports),
+        sum(report.samples_ok for report in reports),
+        [problem for report in reports for problem in report.problems],
+        stats={},
+        histogram="",
+        warnings=[warning for report in reports for warning in report.warnings],
     )
+    main_process = launched_rank() == 0
+    admit_dataset(report, Path(config.output.dir), data.skip_bad, data.max_bad_fraction, main_process)
+    for note in notes if main_process else []:
+        print(note)  # a caption the user did not write is never a surprise
+    return portions
+
+
+def load_masks(config: RunConfig, samples: list[CaptionedImage]) -> list[CaptionedImage]:
+    """With `data.masked_loss`, each sample with its loss mask (`tuner.data.masks`); a mask problem
+    stops the run (or skips its sample, under `data.skip_bad`) like any other data problem."""
+    data = config.data
+    if data.mask_dir and not data.masked_loss:
+        raise ConfigError(
+            f"data.mask_dir={data.mask_dir!r} is set, but data.masked_loss is off: the masks would be unused",
+            hint="add --masked-loss (data.masked_loss: true), or leave out --mask-dir",
+        )
+    if not data.masked_loss:
+        return samples
+    scan = find_masks(samples, data.mask_dir, data.max_image_pixels)
+    where = data.mask_dir or f"masks of {data.path}"
+    report = DataReport("sdxl", where, len(scan.samples), scan.problems, stats={}, histogram="")
     admit_dataset(
         report,
         Path(config.output.dir),
@@ -394,6 +500,7 @@ def build_dataset(
         seed=config.train.seed,
         device=accelerator.device,
         accelerator=accelerator,
+        masked_loss=config.data.masked_loss,
     )
 
 
@@ -448,12 +555,16 @@ def adapter_metadata(
     config: RunConfig,
     base_model: str,
     samples: Sequence[CaptionedImage],
+    mix: Sequence[dict],
     steps: int,
     epochs: int,
     prediction_type: str,
 ) -> dict:
     """What the adapter file records about its run (safetensors header, `tuner.*` keys; the kohya export
     turns them into the `ss_*` / `modelspec.*` keys ComfyUI, A1111 and Forge show).
+
+    `samples` are the distinct training images (instance and class), `mix` the rows of `mix_rows`:
+    samples per epoch count repeats, as kohya's `ss_num_train_images` / `ss_num_reg_images` do.
 
     `prediction_type` is the resolved one (never `auto`): `tuner infer sdxl` configures its scheduler
     from it, as the sample grids do. It is the only scheduler setting training changes.
@@ -471,11 +582,36 @@ def adapter_metadata(
         "epochs": epochs,
         "resolution": config.data.resolution,
         "caption_prefix": config.data.caption_prefix,
-        "images": len(samples),
+        "images": sum(not sample.prior for sample in samples),
+        "reg_images": sum(sample.prior for sample in samples),
+        "train_samples": sum(row["samples_per_epoch"] for row in mix if row["kind"] == "instance"),
+        "reg_samples": sum(row["samples_per_epoch"] for row in mix if row["kind"] != "instance"),
+        "dataset_dirs": json.dumps(dataset_dirs(mix, reg=False), ensure_ascii=False),
+        "reg_dataset_dirs": json.dumps(dataset_dirs(mix, reg=True), ensure_ascii=False),
+        "masked_loss": config.data.masked_loss,
+        **({"masks": json.dumps(mask_counts(samples).to_json())} if config.data.masked_loss else {}),
         "tag_frequency": json.dumps(tag_frequency(list(samples)), ensure_ascii=False),
         "dataset_hash": dataset_hash(samples),
         "tuner_version": tuner.__version__,
     }
+
+
+def dataset_dirs(mix: Sequence[dict], reg: bool) -> dict[str, dict[str, float]]:
+    """{folder: {"n_repeats", "img_count"}} of the instance (or class) portions, as kohya's
+    `ss_dataset_dirs` / `ss_reg_dataset_dirs` hold them; a name seen twice gets " (2)", as in kohya."""
+    dirs: dict[str, dict[str, float]] = {}
+    for row in mix:
+        if (row["kind"] != "instance") != reg:
+            continue
+        name, number = row["folder"], 2
+        while name in dirs:
+            name, number = f"{row['folder']} ({number})", number + 1
+        repeats = row["repeats"]
+        dirs[name] = {
+            "n_repeats": int(repeats) if float(repeats).is_integer() else repeats,
+            "img_count": row["images"],
+        }
+    return dirs
 
 
 def dataset_hash(samples: Sequence[CaptionedImage]) -> str:

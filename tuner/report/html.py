@@ -28,6 +28,8 @@ MAX_ANSWER_STEPS = 6
 MAX_SKIPPED_SHOWN = 20
 # Scalars of a metrics record that are not charted on their own (the step axis and bookkeeping).
 _NOT_CHARTED = {"step", "epoch"}
+# Parts of the training loss (SDXL with class images: `loss/instance`, `loss/prior`), drawn in the loss chart.
+LOSS_PART_PREFIX = "loss/"
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; }
@@ -197,6 +199,7 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _charts(records: list[dict[str, Any]]) -> str:
+    part_keys = sorted({key for r in records for key in r if key.startswith(LOSS_PART_PREFIX)})
     charts = [
         line_chart(
             "loss",
@@ -204,6 +207,10 @@ def _charts(records: list[dict[str, Any]]) -> str:
                 name: points
                 for name, points in (
                     ("training loss", series_of(records, "loss")),
+                    *(
+                        (f"{key.removeprefix(LOSS_PART_PREFIX)} loss", series_of(records, key))
+                        for key in part_keys
+                    ),
                     ("validation loss", series_of(records, "validation_loss")),
                 )
                 if points
@@ -221,7 +228,16 @@ def _charts(records: list[dict[str, Any]]) -> str:
                 {key.removeprefix(EVAL_PREFIX): series_of(records, key) for key in eval_keys},
             )
         )
-    known = {"loss", "validation_loss", "lr", "samples_per_s", "peak_memory_mb", *_NOT_CHARTED, *eval_keys}
+    known = {
+        "loss",
+        "validation_loss",
+        "lr",
+        "samples_per_s",
+        "peak_memory_mb",
+        *_NOT_CHARTED,
+        *eval_keys,
+        *part_keys,
+    }
     others = sorted({key for r in records for key, v in r.items() if key not in known and _number(v)})
     charts += [line_chart(key, {key: series_of(records, key)}) for key in others]
     charts = [chart for chart in charts if chart]

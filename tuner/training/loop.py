@@ -70,6 +70,10 @@ EMA_WEIGHTS = "ema.safetensors"
 # Per process: the device RNG states Accelerate's save_state leaves out (Ascend NPU).
 DEVICE_RNG_STATE = "device_rng_state_{}.safetensors"
 
+# Parts of one batch's loss, logged beside it as `loss/<name>`: name -> (sum of the part's per-sample
+# losses, unweighted; number of those samples), both 0-d tensors (see TrainingJob.loss_parts).
+LossParts = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass
 class LoopSettings:
@@ -92,8 +96,18 @@ class LoopSettings:
 
 @dataclass
 class TrainingJob:
+    """What a recipe hands the loop.
+
+    `loss_fn(prepared model, batch)` returns the batch's scalar loss (a mean, or a sum with
+    `loss_items_of`), or `(loss, parts)` where `parts` (`LossParts`) splits it for logging, e.g. SDXL's
+    instance and prior (class image) losses. The loop sums each part's (sum, count) over the step's
+    micro-batches, the processes and the log window, and logs `loss/<name>` = sum / count (the mean
+    per sample; absent from a record whose window held none of that part) for every name in
+    `loss_parts`. The names are declared up front so that every process reduces the same tensor.
+    """
+
     model: torch.nn.Module  # recipes wrap several modules in nn.ModuleDict; only LoRA params require grad
-    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]  # (prepared model, batch) -> scalar mean loss
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor | tuple[torch.Tensor, LossParts]]
     dataset: torch.utils.data.Dataset
     batch_sampler: GroupedBatchSampler
     collate_fn: Callable[[list[Any]], Any]
@@ -111,6 +125,8 @@ class TrainingJob:
     # counts a batch's items, and the loop divides by the items of the whole optimizer step, over
     # accumulation and processes. None: loss_fn returns a mean and micro-batches weigh the same.
     loss_items_of: Callable[[Any], int] | None = None
+    # The names of the parts loss_fn reports (see the class docstring); () logs the loss alone.
+    loss_parts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -134,6 +150,8 @@ class LoopState:
     num_processes: int = 1  # batches_in_epoch and the saved RNG states are per process
     losses: list[tuple[int, float]] = field(default_factory=list)
     validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    # TrainingJob.loss_parts' means by name, as (step, mean) like `losses`, for the loss plot.
+    part_losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     best: tuple[int, float] | None = None  # (step, value) of output.keep_best's best so far
 
 
@@ -299,7 +317,7 @@ def _start_run(
             total=settings.max_steps, initial=state.step, disable=not main, desc="training", unit="step"
         ),
         hooks=hooks,
-        window=_LogWindow(accelerator.device),
+        window=_LogWindow(accelerator.device, job.loss_parts),
         skipped_log=SkippedLog(output_dir),
         saved_at=state.step if checkpoint is not None else None,
         last_finite_step=state.step,
@@ -312,7 +330,7 @@ def _train_step(run: _Run, check_train_mode: bool) -> None:
     micro_batches = _next_micro_batches(run.batches, run.settings.grad_accum, run.skipped_log, run.state.step)
     if check_train_mode:
         _require_train_mode(run.model)
-    step_loss, micro_steps = _accumulate_gradients(job, run.model, accelerator, micro_batches)
+    step_loss, step_parts, micro_steps = _accumulate_gradients(job, run.model, accelerator, micro_batches)
     run.window.samples += sum((job.batch_size_of or _count_samples)(b) for b in micro_batches if b)
     grad_norm = accelerator.clip_grad_norm_(run.trainable, run.settings.max_grad_norm or math.inf)
     # The one host sync per optimizer step: a skipped step must be decided before it is taken.
@@ -328,7 +346,7 @@ def _train_step(run: _Run, check_train_mode: bool) -> None:
     if took_step and not optimizer.step_was_skipped:
         job.lr_scheduler.step()
         _update_ema(run.ema, accelerator.unwrap_model(run.model), run.settings.ema_decay)
-        run.window.add(step_loss)
+        run.window.add(step_loss, step_parts)
     run.last_step_diverged = diverging
     run.nonfinite_in_a_row = run.nonfinite_in_a_row + 1 if diverging else 0
     if not diverging:
@@ -382,7 +400,7 @@ def _finish(run: _Run) -> None:
         if job.sample_fn and not (settings.sample_every and state.step % settings.sample_every == 0):
             _sample(job.sample_fn, run.model, run.accelerator, state.step, run.output_dir)
     if run.metrics is not None:
-        plot_losses(state.losses, state.validation_losses, run.output_dir / "loss.png")
+        plot_losses(state.losses, state.validation_losses, run.output_dir / "loss.png", state.part_losses)
         run.metrics.refresh_report()
 
 
@@ -474,9 +492,11 @@ def _log_step(
     progress: tqdm,
 ) -> None:
     """One metrics record (and the progress bar's loss) for the steps since the last record."""
-    mean_loss, samples_per_s = window.flush(accelerator)
+    mean_loss, part_means, samples_per_s = window.flush(accelerator)
     if mean_loss is not None:
         state.losses.append((state.step, mean_loss))
+    for name, mean in part_means.items():
+        state.part_losses.setdefault(name, []).append((state.step, mean))
     if metrics is None:
         return
     metrics.write(
@@ -484,6 +504,7 @@ def _log_step(
             "step": state.step,
             "epoch": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 3),
             "loss": mean_loss,  # None when every step since the last record was skipped
+            **{f"loss/{name}": mean for name, mean in part_means.items()},
             "lr": lr,
             "samples_per_s": samples_per_s,
             "peak_memory_mb": peak_memory_mb(accelerator.device),
@@ -575,27 +596,40 @@ class _AnySizeBatches(torch.utils.data.Sampler[list[SampleKey]]):
 
 
 class _LogWindow:
-    """What happened since the last log record. The loss is summed on the device, so the host only
-    waits for it once per record."""
+    """What happened since the last log record. The loss and its parts are summed on the device, so
+    the host only waits for them once per record."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, part_names: tuple[str, ...] = ()) -> None:
         self.loss = torch.zeros((), device=device)
+        self.part_names = part_names
+        self.parts = torch.zeros((len(part_names), 2), device=device)  # per part: (sum, count)
         self.steps = 0
         self.samples = 0
         self.start = time.perf_counter()
 
-    def add(self, step_loss: torch.Tensor) -> None:
+    def add(self, step_loss: torch.Tensor, step_parts: torch.Tensor) -> None:
         self.loss += step_loss
+        self.parts += step_parts
         self.steps += 1
 
-    def flush(self, accelerator: Accelerator) -> tuple[float | None, float]:
-        """(mean loss over the steps taken and all processes, samples/s over all processes); resets."""
+    def flush(self, accelerator: Accelerator) -> tuple[float | None, dict[str, float], float]:
+        """(mean loss over the steps taken and all processes, each part's mean per sample over them
+        (parts without samples left out), samples/s over all processes); resets."""
         total = accelerator.reduce(self.loss, "mean").item()
         mean_loss = total / self.steps if self.steps else None
+        part_means = {}
+        if self.part_names:
+            totals = accelerator.reduce(self.parts, "sum").tolist()
+            part_means = {
+                name: total / count
+                for name, (total, count) in zip(self.part_names, totals, strict=True)
+                if count > 0
+            }
         samples_per_s = self.samples * accelerator.num_processes / (time.perf_counter() - self.start)
         self.loss.zero_()
+        self.parts.zero_()
         self.steps, self.samples, self.start = 0, 0, time.perf_counter()
-        return mean_loss, samples_per_s
+        return mean_loss, part_means, samples_per_s
 
 
 def _batches_from(
@@ -644,8 +678,9 @@ def _next_micro_batches(
 
 def _accumulate_gradients(
     job: TrainingJob, model: torch.nn.Module, accelerator: Accelerator, micro_batches: list[Any]
-) -> tuple[torch.Tensor, int]:
-    """Forward and backward over one optimizer step's micro-batches; (the step's loss, batches run).
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward and backward over one optimizer step's micro-batches; (the step's loss, its parts' summed
+    (sum, count) rows in `job.loss_parts` order, batches run).
 
     The loop owns the accumulation (Accelerate's `no_sync` and `sync_gradients`, not its step
     counter), so each micro-batch's weight is exact also in a window shorter than grad_accum. Each
@@ -672,16 +707,40 @@ def _accumulate_gradients(
         # DDP averages the processes' gradients: times num_processes turns that into their sum.
         weight = accelerator.num_processes / items.clamp(min=1.0)
     step_loss = torch.zeros((), device=accelerator.device)
+    step_parts = torch.zeros((len(job.loss_parts), 2), device=accelerator.device)
     for index, batch in enumerate(readable):
         last = index == len(readable) - 1
         accelerator.sync_gradients = last  # DeepSpeed steps its engine on the synchronising backward
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss = job.loss_fn(model, batch) * weight
+            loss, parts = _loss_and_parts(job.loss_fn(model, batch))
+            loss = loss * weight
             # Accelerate divides every loss by its gradient_accumulation_steps; the weight says it all.
             accelerator.backward(loss * accelerator.gradient_accumulation_steps)
         step_loss += loss.detach().float()
+        step_parts += _parts_tensor(parts, job.loss_parts, accelerator.device)
     accelerator.sync_gradients = True
-    return step_loss, len(readable)
+    return step_loss, step_parts, len(readable)
+
+
+def _loss_and_parts(output: torch.Tensor | tuple[torch.Tensor, LossParts]) -> tuple[torch.Tensor, LossParts]:
+    """A loss_fn's output as (loss, parts); a plain loss has no parts."""
+    return output if isinstance(output, tuple) else (output, {})
+
+
+def _parts_tensor(parts: LossParts, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """One batch's parts as (sum, count) rows in the order of `names`; a part it lacks is a row of zeros."""
+    unknown = set(parts) - set(names)
+    if unknown:
+        raise ValueError(
+            f"loss_fn reported the parts {sorted(unknown)}, not in TrainingJob.loss_parts {names}"
+        )
+    rows = [
+        torch.stack([parts[name][0].detach().float(), parts[name][1].float()]).to(device)
+        if name in parts
+        else torch.zeros(2, device=device)
+        for name in names
+    ]
+    return torch.stack(rows) if rows else torch.zeros((0, 2), device=device)
 
 
 def _all_finite(accelerator: Accelerator, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> list[bool]:
@@ -796,7 +855,7 @@ def _validate(
     with _evaluating(model, accelerator.device):
         torch.manual_seed(seed)  # the same noise and timesteps every time, so losses compare
         losses = [
-            job.loss_fn(model, send_to_device(batch, accelerator.device)).float()
+            _loss_and_parts(job.loss_fn(model, send_to_device(batch, accelerator.device)))[0].float()
             for batch in job.validation_batches
         ]
     if job.loss_items_of is None:
@@ -937,6 +996,9 @@ def _load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> LoopState:
         restore_device_rng_state(accelerator.device, [states[str(index)] for index in range(len(states))])
     saved["losses"] = [tuple(pair) for pair in saved["losses"]]
     saved["validation_losses"] = [tuple(pair) for pair in saved["validation_losses"]]
+    saved["part_losses"] = {
+        name: [tuple(pair) for pair in pairs] for name, pairs in saved.get("part_losses", {}).items()
+    }
     saved["best"] = tuple(saved["best"]) if saved.get("best") else None
     logger.info("resumed from %s at step %d", checkpoint, saved["step"])
     return LoopState(**saved)

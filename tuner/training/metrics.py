@@ -61,9 +61,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def plot_losses(
-    losses: list[tuple[int, float]], validation_losses: list[tuple[int, float]], path: Path
+    losses: list[tuple[int, float]],
+    validation_losses: list[tuple[int, float]],
+    path: Path,
+    part_losses: dict[str, list[tuple[int, float]]] | None = None,
 ) -> None:
-    """Training (and validation) loss against optimizer step, as a PNG."""
+    """Training (and validation) loss against optimizer step, as a PNG; `part_losses` (e.g. SDXL's
+    instance and prior losses) are drawn beside the total, dashed."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training hosts
@@ -72,6 +76,8 @@ def plot_losses(
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
     if losses:
         axes.plot(*zip(*losses, strict=True), label="training loss")
+    for name, pairs in (part_losses or {}).items():
+        axes.plot(*zip(*pairs, strict=True), "--", label=f"{name} loss")
     if validation_losses:
         axes.plot(*zip(*validation_losses, strict=True), "o-", label="validation loss")
     axes.set_xlabel("step")

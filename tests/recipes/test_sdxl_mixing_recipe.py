@@ -1,0 +1,177 @@
+"""Repeats, mixed sources and regularisation images through `tuner train sdxl-lora` on the tiny SDXL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.cli_runner import run_cli
+from tuner.models.sdxl_lora import read_adapter_metadata
+
+
+def _images(folder: Path, count: int, caption: str | None, size: tuple[int, int] = (64, 64)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        Image.new("RGB", size, (60 * index % 255, 40 + 30 * index, 200)).save(folder / f"{index}.png")
+        if caption is not None:
+            (folder / f"{index}.txt").write_text(f"{caption} {index}", encoding="utf-8")
+    return folder
+
+
+def _train(capsys, output: Path, *arguments: str) -> str:
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "sdxl-lora",
+        "--preset",
+        "tiny-cpu",
+        "--output",
+        str(output),
+        "--set",
+        "output.sample_steps=1",
+        "--set",
+        "output.log_every=1",
+        *arguments,
+    )
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.slow
+def test_two_sources_with_repeats_count_in_the_epoch_and_resume_exactly(tmp_path: Path, capsys) -> None:
+    # 3 images x 2 (kohya folder) + half of 4 each epoch = 8 samples = 4 batches of 2 per epoch.
+    style = _images(tmp_path / "style" / "2_sks", 3, "sks style")
+    variety = _images(tmp_path / "variety", 4, "a plain colour")
+    data = ["--data", str(style.parent), "--data", f"{variety}@0.5"]
+    out = _train(capsys, tmp_path / "straight", *data, "--epochs", "2", "--max-steps", "8")
+    assert "samples per epoch: 8 instance + 0 class = 8" in out
+    assert any(
+        line.split()[:2] == ["64x64", "8"] for line in out.splitlines()
+    )  # the histogram counts samples
+    split = tmp_path / "split"
+    # Stopped in the second epoch (the half share has moved on to the other variety images), then resumed.
+    _train(capsys, split, *data, "--max-steps", "5", "--checkpoint-every", "1")
+    _train(capsys, split, *data, "--max-steps", "8", "--resume", "latest")
+
+    expected = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    resumed = load_file(split / "pytorch_lora_weights.safetensors")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+    header = read_adapter_metadata(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    assert (header["tuner.epochs"], header["tuner.images"], header["tuner.train_samples"]) == ("2", "7", "8")
+    assert json.loads(header["tuner.dataset_dirs"]) == {
+        "2_sks": {"n_repeats": 2, "img_count": 3},
+        "variety": {"n_repeats": 0.5, "img_count": 4},
+    }
+
+
+@pytest.mark.slow
+def test_class_images_are_balanced_marked_prior_and_recorded_for_kohya(tmp_path: Path, capsys) -> None:
+    instance = _images(tmp_path / "dog", 4, "sks dog")
+    reg = _images(tmp_path / "reg", 2, caption=None)  # captioned by --class-prompt
+    out = _train(
+        capsys,
+        tmp_path / "out",
+        "--data",
+        str(instance),
+        "--reg-data",
+        str(reg),
+        "--class-prompt",
+        "a dog",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "4",
+        "--set",
+        "output.save_format=both",
+    )
+    # Balanced: 2 class images x 2 repeats = the 4 instance samples.
+    assert "samples per epoch: 4 instance + 4 class = 8" in out
+    assert "note: 2 images of " in out and "captioned with data.class_prompt" in out
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    # Class samples are prior=True: their loss is the prior loss, logged apart.
+    assert any("loss/prior" in record for record in records)
+    header = read_adapter_metadata(tmp_path / "out" / "pytorch_lora_weights_kohya.safetensors")
+    assert (header["ss_num_train_images"], header["ss_num_reg_images"]) == ("4", "4")
+    assert json.loads(header["ss_dataset_dirs"]) == {"dog": {"n_repeats": 1, "img_count": 4}}
+    assert json.loads(header["ss_reg_dataset_dirs"]) == {"reg": {"n_repeats": 2, "img_count": 2}}
+    assert header["ss_num_epochs"] == "1"
+
+
+def test_a_bad_data_suffix_is_a_one_line_config_error(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(
+        capsys, "train", "sdxl-lora", "--preset", "tiny-cpu", "--output", str(tmp_path), "--data", "style@x"
+    )
+    assert code == 2
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert error_lines == [
+        "error: --data 'style@x': 'x' after the last '@' is not a positive number of repeats"
+    ]
+
+
+def test_data_check_reports_repeats_reg_images_and_folder_captions(tmp_path: Path, capsys) -> None:
+    _images(tmp_path / "data" / "3_sks dog", 2, caption=None)
+    reg = _images(tmp_path / "reg", 3, "a dog")
+    code, out, err = run_cli(
+        capsys, "data", "check", "sdxl", str(tmp_path / "data"), "--reg-data", str(reg), "--resolution", "64"
+    )
+    assert code == 0, err
+    assert "  kohya folder captions:  2" in out  # images without a .txt captioned "sks dog"
+    rows = {line.split()[1]: line.split()[2:] for line in out.splitlines() if line.startswith(str(tmp_path))}
+    assert rows["3_sks"][:1] == ["dog"]  # the folder name has a space: "3_sks dog"
+    assert "samples per epoch: 6 instance + 6 class = 12" in out
+    assert f"{reg}" in out and "class, balanced" in out
+
+
+def _sources_config(tmp_path: Path, sources: list[dict]) -> Path:
+    """A config whose images come from data.sources alone (no data.path)."""
+    config = tmp_path / "sources.yaml"
+    config.write_text(json.dumps({"data": {"path": None, "sources": sources}}), encoding="utf-8")
+    return config
+
+
+def test_a_run_of_class_images_alone_is_refused(tmp_path: Path, capsys) -> None:
+    reg = _images(tmp_path / "reg", 2, "a dog")
+    config = _sources_config(tmp_path, [{"path": str(reg), "reg": True}])
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "sdxl-lora",
+        "--preset",
+        "tiny-cpu",
+        "--config",
+        str(config),
+        "--output",
+        str(tmp_path),
+    )
+    assert code == 2
+    assert "error: every data source is a regularisation source" in err
+
+
+@pytest.mark.slow
+def test_data_sources_alone_train_without_data_path(tmp_path: Path, capsys) -> None:
+    style = _images(tmp_path / "style", 2, "sks style")
+    config = _sources_config(tmp_path, [{"path": str(style), "repeats": 2}])
+    out = _train(capsys, tmp_path / "out", "--config", str(config), "--max-steps", "2")
+    assert "samples per epoch: 4 instance + 0 class = 4" in out
+    header = read_adapter_metadata(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert json.loads(header["tuner.dataset_dirs"]) == {"style": {"n_repeats": 2, "img_count": 2}}
+
+
+def test_data_check_takes_several_paths_as_training_mixes_them(tmp_path: Path, capsys) -> None:
+    style = _images(tmp_path / "style" / "2_sks", 3, "sks style")
+    variety = _images(tmp_path / "variety", 4, "a plain colour")
+    code, out, err = run_cli(
+        capsys, "data", "check", "sdxl", str(style.parent), f"{variety}@0.5", "--resolution", "64"
+    )
+    assert code == 0, err
+    assert "samples per epoch: 8 instance + 0 class = 8" in out  # the training run's mix (see above)
+
+    code, _, err = run_cli(capsys, "data", "check", "qwenvl", "a.jsonl", "b.jsonl")
+    assert code == 2 and "qwenvl checks one conversations file at a time" in err
