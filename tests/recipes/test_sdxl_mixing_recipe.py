@@ -175,3 +175,26 @@ def test_data_check_takes_several_paths_as_training_mixes_them(tmp_path: Path, c
 
     code, _, err = run_cli(capsys, "data", "check", "qwenvl", "a.jsonl", "b.jsonl")
     assert code == 2 and "qwenvl checks one conversations file at a time" in err
+
+
+@pytest.mark.slow
+def test_a_run_with_class_images_resumes_exactly(tmp_path: Path, capsys) -> None:
+    instance = _images(tmp_path / "dog", 3, "sks dog", size=(64, 80))
+    reg = _images(tmp_path / "reg", 4, caption=None)
+    arguments = ["--data", str(instance), "--reg-data", str(reg), "--class-prompt", "a dog"]
+    arguments += ["--prior-loss-weight", "0.5", "--set", "data.validation_fraction=0"]
+    _train(capsys, tmp_path / "straight", *arguments, "--max-steps", "5")
+    split = tmp_path / "split"
+    _train(capsys, split, *arguments, "--max-steps", "3", "--checkpoint-every", "1")
+    _train(capsys, split, *arguments, "--max-steps", "5", "--resume", "latest")
+
+    expected = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    resumed = load_file(split / "pytorch_lora_weights.safetensors")
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+
+    def logged(folder: Path) -> list[dict]:
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k.startswith("loss")} for r in records if "loss" in r]
+
+    assert logged(split)[-2:] == logged(tmp_path / "straight")[-2:]  # the steps after the resume
