@@ -150,7 +150,8 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     image_plans = plan_crops(images, config.data, config.train.seed)
     buckets = [plan.bucket for plan in image_plans]
     mix = mix_rows(portions, buckets)
-    accelerator.print(format_mix(mix))
+    if len(mix) != 1 or mix[0]["repeats"] != 1:  # one folder seen once per epoch: the histogram says it all
+        accelerator.print(format_mix(mix))
     train_samples, train_plans, shares = expand_repeats(portions, image_plans)
     has_prior = any(sample.prior for sample in images)
     accelerator.print(

@@ -75,7 +75,10 @@ def plot_losses(
 
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
     if losses:
-        axes.plot(*zip(*losses, strict=True), label="training loss")
+        # With parts, the total is what trains: the parts weighted (e.g. by the prior loss weight).
+        axes.plot(
+            *zip(*losses, strict=True), label="training loss (weighted)" if part_losses else "training loss"
+        )
     for name, pairs in (part_losses or {}).items():
         axes.plot(*zip(*pairs, strict=True), "--", label=f"{name} loss")
     if validation_losses:
