@@ -251,9 +251,13 @@ def test_encoded_video_sample_equals_the_processor_and_model_at_inference(
             torch.as_tensor(expected["second_per_grid_ts"], dtype=torch.float), sample.second_per_grid_ts
         )
     if family == "qwen3-vl":
-        # Qwen3-VL writes each temporal patch's position in the clip as text (not a speed): frames
-        # 1, 3 | 5, 7 at 4 fps give patches centred at 0.5 s and 1.5 s.
-        assert "<0.5 seconds>" in decoded and "<1.5 seconds>" in decoded
+        # Qwen3-VL writes each temporal patch's place in the clip into the prompt, as text: the mean
+        # position of its frames (index / fps). The plan's frames must reach the prompt as positions.
+        assert plan.indices == (1, 3, 5, 7)
+        pairs = zip(plan.indices[::2], plan.indices[1::2], strict=True)
+        positions_in_clip = [(first + second) / 2 / plan.info.fps for first, second in pairs]
+        for position in positions_in_clip:
+            assert f"<{position:.1f} seconds>" in decoded
     # Packed beside an image sample, the video sample keeps its own positions (per-sample rope index).
     image_sample = encode_conversation(processor, conversations[1], video=sampling)
     packed = packed_model_inputs(collate_vl_packed([image_sample, sample]), rope_index_of(model))
