@@ -21,22 +21,12 @@ from tuner.data.captions import CaptionedImage, transform_caption
 from tuner.data.images import load_image_rgb
 from tuner.data.sampling import SampleKey
 from tuner.errors import DataError
-from tuner.models.sdxl import compute_time_ids, encode_latents, encode_prompt, load_sdxl
+from tuner.models.sdxl import compute_time_ids, encode_latents, encode_prompt
 from tuner.models.sdxl_cache import build_sdxl_dataset, collate_sdxl, model_fingerprint
 
 SIZES = [(80, 64), (64, 64), (64, 96), (72, 64)]
 BUCKETS = [(64, 64), (64, 64), (64, 96), (64, 64)]
 CAPTIONS = ["a red cube", "a blue ball, grass, sky", "tall tower", "a red cube"]
-
-
-@pytest.fixture(scope="module")
-def components(tiny_model):
-    return load_sdxl(str(tiny_model("sdxl")))
-
-
-@pytest.fixture(scope="module")
-def fingerprint(components) -> str:
-    return model_fingerprint("tiny", components)
 
 
 def write_image(path: Path | io.BytesIO, size: tuple[int, int], seed: int) -> None:

@@ -16,8 +16,7 @@ from PIL import Image
 from tuner.data.buckets import plan_crop
 from tuner.data.captions import CaptionedImage
 from tuner.data.sampling import SampleKey
-from tuner.models.sdxl import load_sdxl
-from tuner.models.sdxl_cache import build_sdxl_dataset, collate_sdxl, model_fingerprint
+from tuner.models.sdxl_cache import build_sdxl_dataset, collate_sdxl
 from tuner.models.sdxl_loss import SDXLLoraModel, diffusion_loss, noise_settings
 
 LATENT = (2, 4, 8, 8)
@@ -107,16 +106,6 @@ def test_grey_weighs_between() -> None:
 # --- masks through the dataset: crop, flip, cache --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def components(tiny_model):
-    return load_sdxl(str(tiny_model("sdxl")))
-
-
-@pytest.fixture(scope="module")
-def fingerprint(components) -> str:
-    return model_fingerprint("tiny", components)
-
-
 def asymmetric(size: tuple[int, int]) -> np.ndarray:
     """A grey picture with a bright block in its top-left corner and a ramp: no flip or shift maps it
     onto itself."""
@@ -139,7 +128,9 @@ def masked_sample(tmp_path: Path) -> CaptionedImage:
     )
 
 
-def build(sample, plan, components, *, cache: bool, cache_dir: Path, fingerprint: str = ""):
+def build(
+    sample, plan, components, *, cache: bool, cache_dir: Path, fingerprint: str = "", masked_loss: bool = True
+):
     return build_sdxl_dataset(
         [sample],
         [plan],
@@ -153,7 +144,7 @@ def build(sample, plan, components, *, cache: bool, cache_dir: Path, fingerprint
         random_flip=True,
         seed=3,
         device=torch.device("cpu"),
-        masked_loss=True,
+        masked_loss=masked_loss,
     )
 
 
@@ -218,19 +209,14 @@ def test_an_image_without_a_mask_trains_everywhere_and_shares_the_unmasked_entry
     plain = CaptionedImage(image=masked_sample.image, caption="a", source="a.txt")
     plan = plan_crop(120, 80, (64, 64))
     masked = build(plain, plan, components, cache=True, cache_dir=tmp_path / "cache", fingerprint=fingerprint)
-    unmasked = build_sdxl_dataset(
-        [plain],
-        [plan],
+    unmasked = build(
+        plain,
+        plan,
         components,
         cache=True,
         cache_dir=tmp_path / "cache",
-        model_fingerprint=fingerprint,
-        caption_options={},
-        background=(255, 255, 255),
-        max_image_pixels=10**6,
-        random_flip=True,
-        seed=3,
-        device=torch.device("cpu"),
+        fingerprint=fingerprint,
+        masked_loss=False,
     )
     assert torch.equal(masked[0]["mask"], torch.ones(1, 8, 8))
     assert "mask" not in unmasked[0]

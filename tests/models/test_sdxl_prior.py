@@ -62,8 +62,9 @@ def _model(components, prior_loss_weight: float = 1.0) -> SDXLLoraModel:
     )
 
 
-def _per_sample_reference(model: SDXLLoraModel, batch: dict) -> torch.Tensor:
-    """Each sample's loss by the functions that computed the whole loss before prior preservation."""
+def _reference_loss(model: SDXLLoraModel, batch: dict, reduction: str = "none") -> torch.Tensor:
+    """The loss (each sample's, or with "mean" the batch's) by the functions that computed the whole
+    loss before prior preservation."""
     noise, timesteps = seeded_noise_and_timesteps(
         batch["latents"], model.settings, batch["sample_seed"], "cpu"
     )
@@ -77,7 +78,7 @@ def _per_sample_reference(model: SDXLLoraModel, batch: dict) -> torch.Tensor:
         time_ids=batch["time_ids"],
         noise=noise,
         timesteps=timesteps,
-        reduction="none",
+        reduction=reduction,
     )
 
 
@@ -89,20 +90,7 @@ def _lora_gradients(model: SDXLLoraModel, loss: torch.Tensor) -> dict[str, torch
 
 def test_a_batch_without_class_images_computes_todays_loss_bit_for_bit(components, batch) -> None:
     model = _model(components, prior_loss_weight=0.3)
-    noise, timesteps = seeded_noise_and_timesteps(
-        batch["latents"], model.settings, batch["sample_seed"], "cpu"
-    )
-    today = diffusion_loss(
-        model.unet,
-        components.noise_scheduler,
-        model.settings,
-        latents=batch["latents"],
-        prompt_embeds=batch["prompt_embeds"],
-        pooled_prompt_embeds=batch["pooled_prompt_embeds"],
-        time_ids=batch["time_ids"],
-        noise=noise,
-        timesteps=timesteps,
-    )
+    today = _reference_loss(model, batch, reduction="mean")
     expected_gradients = _lora_gradients(model, today)
     for with_flags in (False, True):
         flagged = {**batch, "prior": torch.zeros(BATCH, dtype=torch.bool)} if with_flags else batch
@@ -118,7 +106,7 @@ def test_prior_loss_weight_zero_leaves_class_images_no_gradient_but_logs_their_l
     model = _model(components, prior_loss_weight=0.0)
     prior = torch.tensor([False, True, False, True])
     loss, parts = model({**batch, "prior": prior}, with_parts=True)
-    per_sample = _per_sample_reference(model, batch).detach()
+    per_sample = _reference_loss(model, batch).detach()
     torch.testing.assert_close(loss, per_sample[~prior].sum() / BATCH, rtol=1e-6, atol=0)
     # The prior part is the class images' loss as it is, not times the weight 0.
     assert parts["prior"][1].item() == 2 and parts["instance"][1].item() == 2
@@ -140,7 +128,7 @@ def test_prior_loss_weight_scales_class_images_exactly(components, batch) -> Non
 
     model = _model(components, prior_loss_weight=1.7)
     prior = torch.tensor([True, False, False, False])
-    per_sample = _per_sample_reference(model, batch).detach()
+    per_sample = _reference_loss(model, batch).detach()
     mixed = model({**batch, "prior": prior})
     expected = (per_sample[0] * 1.7 + per_sample[1:].sum()) / BATCH
     torch.testing.assert_close(mixed.detach(), expected, rtol=1e-6, atol=0)
