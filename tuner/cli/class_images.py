@@ -19,9 +19,7 @@ def generate_class_images_command(
     out: Annotated[Path, typer.Option("--out", help="Folder of class-NNNNN.png + .txt (then --reg-data).")],
     resolution: Annotated[int, typer.Option("--resolution", help="Square side in px.")] = 1024,
     steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 30,
-    guidance_scale: Annotated[
-        float, typer.Option("--guidance-scale", help="Classifier-free guidance scale.")
-    ] = 5.0,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 5.0,
     seed: Annotated[
         int, typer.Option("--seed", help="Image n is drawn from (seed, n): a rerun draws it again.")
     ] = 0,
@@ -52,7 +50,7 @@ def generate_class_images_command(
             count=count,
             resolution=resolution,
             steps=steps,
-            guidance_scale=guidance_scale,
+            guidance_scale=guidance,
             seed=seed,
             batch_size=batch_size,
             negative_prompt=negative_prompt,
