@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tuner.atomic import write_atomically
 from tuner.config.presets import load_preset
 from tuner.config.schema import RunConfig
 from tuner.errors import ConfigError
@@ -119,10 +120,7 @@ def write_resolved_config(config: RunConfig, output_dir: str | Path) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / RESOLVED_CONFIG_NAME
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def config_as_yaml(config: RunConfig) -> str:

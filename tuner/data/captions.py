@@ -292,17 +292,13 @@ def _scan_folder_txt(
     filled: dict[str, int] = {}
     for image in image_files:
         caption_file = captions_by_stem.get(image.with_suffix(""))
-        filled_from = _filled_caption(image, root, class_prompt) if caption_file is None else None
-        if filled_from is not None:
-            origin, caption = filled_from
-            problem = _check_file(image, str(image), None, str(image), checks)
-            if problem is not None:
-                problems.append(problem)
-                continue
-            filled[origin] = filled.get(origin, 0) + 1
-            samples.append(CaptionedImage(image=image, caption=caption, source=str(image)))
-            continue
-        if caption_file is None:
+        origin = None  # where a caption without a caption file came from
+        if caption_file is not None:
+            caption, problem = _read_caption_file(caption_file)
+            source = str(caption_file)
+        elif (filled_from := _filled_caption(image, root, class_prompt)) is not None:
+            (origin, caption), problem, source = filled_from, None, str(image)
+        else:
             problems.append(
                 Problem(
                     str(image),
@@ -312,12 +308,13 @@ def _scan_folder_txt(
                 )
             )
             continue
-        caption, problem = _read_caption_file(caption_file)
         problem = problem or _check_file(image, str(image), None, str(image), checks)
         if problem is not None:
             problems.append(problem)
             continue
-        samples.append(CaptionedImage(image=image, caption=caption, source=str(caption_file)))
+        if origin is not None:
+            filled[origin] = filled.get(origin, 0) + 1
+        samples.append(CaptionedImage(image=image, caption=caption, source=source))
     image_stems = {image.with_suffix("") for image in image_files}
     problems.extend(
         Problem(

@@ -28,7 +28,14 @@ from tuner.data.captions import DatasetRow, scan_caption_dataset
 from tuner.data.conversations import Conversation, load_conversations
 from tuner.data.images import DEFAULT_MAX_PIXELS, inspect_image
 from tuner.data.masks import find_masks
-from tuner.data.mixing import balance_regularisation, epoch_buckets, format_mix, mix_rows, split_portions
+from tuner.data.mixing import (
+    balance_regularisation,
+    epoch_buckets,
+    format_mix,
+    is_plain,
+    mix_rows,
+    split_portions,
+)
 from tuner.data.problems import Problem
 from tuner.data.video import (
     VideoSampling,
@@ -221,9 +228,9 @@ def check_sdxl_dataset(
         for sample in portion.samples
     ]
     mix = mix_rows(portions, image_buckets)
-    trivial = len(portions) == 1 and portions[0].repeats == 1
-    assignments = image_buckets if trivial else epoch_buckets(portions, image_buckets)
-    histogram = bucket_histogram(assignments, batch_size, "images" if trivial else "samples")
+    plain = is_plain(portions)
+    assignments = image_buckets if plain else epoch_buckets(portions, image_buckets)
+    histogram = bucket_histogram(assignments, batch_size, "images" if plain else "samples")
     return DataReport(
         "sdxl",
         " + ".join(source.path for source in sources),
@@ -232,7 +239,7 @@ def check_sdxl_dataset(
         stats,
         histogram if assignments else "",
         _in_file_order(warnings),
-        mix=[] if trivial else mix,
+        mix=[] if plain else mix,
     )
 
 

@@ -161,15 +161,6 @@ def expand_repeats(
     return samples, expanded_plans, shares
 
 
-def samples_per_epoch(portion: Portion, buckets: Sequence[tuple[int, int]]) -> int:
-    """Samples of `portion` trained per epoch, given each of its samples' bucket (the sampler takes a
-    fractional share per bucket)."""
-    whole, fraction = _split(portion.repeats)
-    per_bucket = Counter(buckets)
-    shared = sum(share_count(fraction, count) for count in per_bucket.values()) if fraction else 0
-    return whole * len(portion.samples) + shared
-
-
 def epoch_buckets(portions: Sequence[Portion], buckets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """One bucket per sample trained in an epoch (repeats counted), for the bucket histogram; `buckets`
     holds each image's bucket, in portion order."""
@@ -181,6 +172,11 @@ def epoch_buckets(portions: Sequence[Portion], buckets: Sequence[tuple[int, int]
     return trained
 
 
+def is_plain(portions: Sequence[Portion]) -> bool:
+    """One folder, each image once per epoch: there is no mix to report (and samples are images)."""
+    return len(portions) == 1 and portions[0].repeats == 1
+
+
 def mix_rows(portions: Sequence[Portion], buckets: Sequence[tuple[int, int]]) -> list[dict]:
     """Per portion: source, folder, images, repeats, samples per epoch and kind (the mix printed at the
     start of a run and by `tuner data check`); `buckets` holds each sample's bucket, in portion order."""
@@ -190,7 +186,7 @@ def mix_rows(portions: Sequence[Portion], buckets: Sequence[tuple[int, int]]) ->
             "folder": portion.name,
             "images": len(portion.samples),
             "repeats": round(portion.repeats, 3),
-            "samples_per_epoch": samples_per_epoch(portion, portion_buckets),
+            "samples_per_epoch": len(epoch_buckets([portion], portion_buckets)),
             "kind": ("class, balanced" if portion.balanced else "class") if portion.reg else "instance",
         }
         for portion, portion_buckets in zip(portions, _per_portion(portions, buckets), strict=True)

@@ -14,8 +14,6 @@ are rendered until it does. One run per folder at a time.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+from tuner.atomic import TEMP_SUFFIX, write_atomically
 from tuner.data.images import IMAGE_EXTENSIONS
 from tuner.distributed import sample_seed
 from tuner.errors import ConfigError
@@ -32,8 +31,8 @@ from tuner.models.sdxl_infer import GenerationSettings, png_text, resolve_sdxl_m
 from tuner.models.sdxl_sampling import build_pipeline, decode_latents
 
 CLASS_IMAGE_NAME = "class-{:05d}"
+# The hidden temporary files of `write_atomically` for class images.
 _TEMP_PREFIX = ".class-"
-_TEMP_SUFFIX = ".tmp"
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ def generate_class_images(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file", hint="pass a folder for the class images")
     out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
+    for leftover in out.glob(f"{_TEMP_PREFIX}*{TEMP_SUFFIX}"):
         leftover.unlink(missing_ok=True)  # an interrupted run's; see the module docstring
     held, numbers = numbers_to_render(out, settings.count)
     if not numbers:
@@ -177,20 +176,7 @@ def _write_class_image(
         seed,
     )
     # The caption first: the image is what marks the number as done.
-    _write_atomically(
+    write_atomically(
         out / f"{stem}.txt", lambda path: path.write_text(settings.prompt + "\n", encoding="utf-8")
     )
-    return _write_atomically(out / f"{stem}.png", lambda path: image.save(path, format="PNG", pnginfo=info))
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    # Hidden (`.class-...`), so neither a training scan nor the image count reads it; not mkstemp, whose
-    # files are private (0600) and would stay so after the rename.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(out / f"{stem}.png", lambda path: image.save(path, format="PNG", pnginfo=info))

@@ -39,6 +39,7 @@ from tuner.data.mixing import (
     filled_caption_notes,
     format_mix,
     hold_out_validation,
+    is_plain,
     mix_rows,
     split_portions,
 )
@@ -150,7 +151,7 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     image_plans = plan_crops(images, config.data, config.train.seed)
     buckets = [plan.bucket for plan in image_plans]
     mix = mix_rows(portions, buckets)
-    if len(mix) != 1 or mix[0]["repeats"] != 1:  # one folder seen once per epoch: the histogram says it all
+    if not is_plain(portions):
         accelerator.print(format_mix(mix))
     train_samples, train_plans, shares = expand_repeats(portions, image_plans)
     has_prior = any(sample.prior for sample in images)

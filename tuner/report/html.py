@@ -12,12 +12,12 @@ from __future__ import annotations
 import base64
 import datetime
 import json
-import os
 from collections.abc import Iterable
 from html import escape
 from pathlib import Path
 from typing import Any
 
+from tuner.atomic import write_atomically
 from tuner.report.svg import line_chart
 
 REPORT_FILE = "report.html"
@@ -110,7 +110,8 @@ def environment_of(run_dir: Path, environment: dict[str, Any] | None) -> dict[st
         except (OSError, json.JSONDecodeError):
             pass
     if environment is not None:
-        _write_atomic(path, json.dumps(environment, indent=2, default=str))
+        text = json.dumps(environment, indent=2, default=str)
+        write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
     return environment
 
 
@@ -141,14 +142,7 @@ def write_run_report(run_dir: str | Path, environment: dict[str, Any] | None = N
         + "\n</body></html>\n"
     )
     path = run_dir / REPORT_FILE
-    _write_atomic(path, page)
-    return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    return write_atomically(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))
 
 
 def _summary(run_dir: Path, records: list[dict[str, Any]], environment: dict[str, Any] | None) -> str:
