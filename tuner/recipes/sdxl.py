@@ -123,10 +123,7 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
         )
     output_dir = open_output_folder(config, TASK, resume)
     # The data is checked before any model loads: a refusal costs seconds, not a model load.
-    portions = [
-        replace(portion, samples=tuple(load_masks(config, list(portion.samples))))
-        for portion in load_training_portions(config)
-    ]
+    portions = load_masks(config, load_training_portions(config))
     # A folder whose every image was skipped (--skip-bad) trains nothing and has nothing to balance.
     portions = [portion for portion in portions if portion.samples]
     samples = [sample for portion in portions for sample in portion.samples]
@@ -386,9 +383,10 @@ def load_training_portions(config: RunConfig) -> list[Portion]:
     return portions
 
 
-def load_masks(config: RunConfig, samples: list[CaptionedImage]) -> list[CaptionedImage]:
-    """With `data.masked_loss`, each sample with its loss mask (`tuner.data.masks`); a mask problem
-    stops the run (or skips its sample, under `data.skip_bad`) like any other data problem."""
+def load_masks(config: RunConfig, portions: list[Portion]) -> list[Portion]:
+    """With `data.masked_loss`, the portions' samples with their loss masks (`tuner.data.masks`); a mask
+    problem stops the run (or skips its sample, under `data.skip_bad`) like any other data problem. The
+    masks of every source are checked together, so the problems are reported and counted once."""
     data = config.data
     if data.mask_dir and not data.masked_loss:
         raise ConfigError(
@@ -396,9 +394,10 @@ def load_masks(config: RunConfig, samples: list[CaptionedImage]) -> list[Caption
             hint="add --masked-loss (data.masked_loss: true), or leave out --mask-dir",
         )
     if not data.masked_loss:
-        return samples
+        return portions
+    samples = [sample for portion in portions for sample in portion.samples]
     scan = find_masks(samples, data.mask_dir, data.max_image_pixels)
-    where = data.mask_dir or f"masks of {data.path}"
+    where = data.mask_dir or "masks of " + " + ".join(source.path for source in data_sources(data))
     report = DataReport("sdxl", where, len(scan.samples), scan.problems, stats={}, histogram="")
     admit_dataset(
         report,
@@ -407,7 +406,12 @@ def load_masks(config: RunConfig, samples: list[CaptionedImage]) -> list[Caption
         data.max_bad_fraction,
         main_process=launched_rank() == 0,
     )
-    return scan.samples
+    # find_masks sets `mask` alone (and leaves out the skipped samples): map each sample back to its portion.
+    masked = {replace(sample, mask=None): sample for sample in scan.samples}
+    return [
+        replace(portion, samples=tuple(masked[sample] for sample in portion.samples if sample in masked))
+        for portion in portions
+    ]
 
 
 def plan_crops(samples: Sequence[CaptionedImage], data: DataConfig, seed: int) -> list[CropPlan]:
