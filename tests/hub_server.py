@@ -40,7 +40,7 @@ class Certificates:
 
 def make_certificates(folder: Path) -> Certificates:
     """A private CA and a server certificate for 127.0.0.1/localhost signed by it, as PEM files."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name(
         [

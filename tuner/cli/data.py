@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -15,7 +15,7 @@ T = TypeVar("T")
 data_app = typer.Typer(help="Check datasets before training on them.", no_args_is_help=True)
 
 
-class DatasetKind(str, Enum):
+class DatasetKind(StrEnum):
     sdxl = "sdxl"
     qwenvl = "qwenvl"
 
