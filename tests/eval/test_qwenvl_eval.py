@@ -10,14 +10,16 @@ import torch
 import yaml
 from cli_runner import run_cli
 from PIL import Image
+from videos import write_frame_folder, write_video
 
+from tuner.data.prompts import Prompt
 from tuner.errors import DataError
 from tuner.eval.metrics import score_answer
 from tuner.eval.qwenvl import (
-    EvalSample,
     answer_samples,
     check_overlap,
-    load_eval_samples,
+    eval_prompts,
+    load_eval_conversations,
     score_samples,
 )
 from tuner.models.qwenvl import add_lora, load_qwenvl, lora_target_modules, save_adapter
@@ -63,10 +65,11 @@ def eval_file(tmp_path_factory):
 
 def test_batched_answers_equal_single_answers(adapter, eval_file):
     _, answerer = adapter
-    samples = load_eval_samples(eval_file)
+    samples = eval_prompts(answerer.processor, load_eval_conversations(eval_file))
     batched = answer_samples(answerer, samples, batch_size=4, max_new_tokens=MAX_NEW_TOKENS)
     alone = [
-        generate_answer(answerer, sample.prompt, sample.images, MAX_NEW_TOKENS).strip() for sample in samples
+        generate_answer(answerer, sample.messages, sample.images, MAX_NEW_TOKENS).strip()
+        for sample in samples
     ]
     assert batched == alone
     assert len(set(batched)) > 1  # the prompts really differ
@@ -75,9 +78,7 @@ def test_batched_answers_equal_single_answers(adapter, eval_file):
 
 def test_scores_are_per_sample_means_and_worst_first():
     samples = [
-        EvalSample("a:1", [], [], "Red."),
-        EvalSample("a:2", [], [], "B"),
-        EvalSample("a:3", [], [], "Blue."),
+        Prompt(f"a:{n}", [], "", reference=reference) for n, reference in enumerate(["Red.", "B", "Blue."], 1)
     ]
     result = score_samples("base", samples, ["red", "(B) blue", "green"])
     assert result.metrics["normalised_match"] == pytest.approx(0.5)  # 1 of the 2 text samples
@@ -109,7 +110,7 @@ def test_eval_data_overlapping_the_training_data_is_refused(adapter, eval_file, 
     }
     (training / "train.jsonl").write_text(json.dumps(record) + "\n")
     folder = _adapter_trained_on(adapter[0], training / "train.jsonl", tmp_path)
-    samples = load_eval_samples(eval_file)
+    samples = load_eval_conversations(eval_file)
     with pytest.raises(DataError, match=r"1 of 4 samples .* are in the training data"):
         check_overlap(samples, folder, str(eval_file), allow_overlap=False)
     assert check_overlap(samples, folder, str(eval_file), allow_overlap=True) == 1
@@ -198,3 +199,80 @@ def test_evaluation_settings_that_would_do_nothing_are_refused(tmp_path, capsys,
         capsys, "train", "qwenvl-lora", "--preset", "tiny-cpu", "--output", str(tmp_path / "run"), *sets
     )
     assert code == 2 and message in stderr
+
+
+def _video_eval_set(folder):
+    """Two held-out questions about videos: an MPEG-4 file and a folder of frames."""
+    write_video(folder / "clip.mp4", frames=8, size=64, fps=4)
+    write_frame_folder(folder / "frames", frames=4, size=48)
+    records = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video", "video": "clip.mp4"},
+                        {"type": "text", "text": "What moves?"},
+                    ],
+                },
+                {"role": "assistant", "content": "A red square."},
+            ]
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "<video>Which way?"},
+                {"from": "gpt", "value": "Right."},
+            ],
+            "video": "frames",
+        },
+    ]
+    path = folder / "videos.jsonl"
+    path.write_text("\n".join(json.dumps(record) for record in records), encoding="utf-8")
+    return path
+
+
+def test_cli_evaluates_video_records_with_their_frames(tmp_path, capsys):
+    data = _video_eval_set(tmp_path)
+    out = tmp_path / "out"
+    code, _, stderr = run_cli(
+        capsys,
+        *("eval", "qwenvl", "--data", str(data), "--model", "tiny-qwen3-vl", "--out", str(out)),
+        *("--max-new-tokens", "3", "--device", "cpu"),
+    )
+    assert code == 0, stderr
+    report = json.loads((out / "eval.json").read_text())
+    answers = [json.loads(line) for line in (out / report["models"][0]["answers"]).open()]
+    assert [a["reference"] for a in answers] == ["A red square.", "Right."]
+    assert all(a["answer"] and "normalised_match" in a["scores"] for a in answers)
+
+
+@pytest.mark.slow
+def test_training_evaluates_videos_and_a_failing_evaluation_costs_nothing(tmp_path, capsys):
+    data = _video_eval_set(tmp_path)
+    Image.new("RGB", (56, 56), (220, 30, 30)).save(tmp_path / "red.png")
+    record = {
+        "messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "Red."}]
+    }
+    (tmp_path / "train.jsonl").write_text(json.dumps({**record, "images": ["red.png"]}) + "\n")
+    out = tmp_path / "run"
+    train = ("train", "qwenvl-lora", "--preset", "tiny-cpu", "--model", "tiny-qwen2.5-vl")
+    train += ("--data", str(tmp_path / "train.jsonl"), "--output", str(out), "--set", "output.log_every=1")
+    evaluation = ("--set", f"output.eval_data={data}", "--set", "output.eval_every=1")
+    code, _, stderr = run_cli(capsys, *train, "--max-steps", "2", *evaluation)
+    assert code == 0, stderr
+    answers = [json.loads(line) for line in (out / "samples" / "eval_answers.jsonl").open()]
+    assert [(a["step"], a["reference"]) for a in answers] == [
+        (step, reference) for step in (1, 2) for reference in ("A red square.", "Right.")
+    ]
+    first_adapter = (out / "adapter_model.safetensors").read_bytes()
+    # A frame that passes the start check (its header reads) but cannot be decoded: the evaluation at
+    # the last step of the resumed run fails, after its checkpoint and adapter are written.
+    frame = tmp_path / "frames" / "frame_003.png"
+    frame.write_bytes(frame.read_bytes()[:60])
+    code, _, stderr = run_cli(capsys, *train, "--max-steps", "3", *evaluation, "--resume", "latest")
+    assert code == 0, stderr
+    assert "warning: the evaluation at step 3 failed" in stderr and "frame_003.png" in stderr
+    assert (out / "checkpoints" / "step-000003").is_dir()
+    assert (out / "adapter_model.safetensors").read_bytes() != first_adapter  # the resumed run's adapter
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/overall" in r] == [1, 2]

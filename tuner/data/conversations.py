@@ -102,6 +102,11 @@ class Conversation:
     videos: tuple[VideoSource, ...] = ()
 
 
+def text_of(message: dict) -> str:
+    """The text parts of a message (list content), joined."""
+    return "".join(part["text"] for part in message["content"] if part["type"] == "text")
+
+
 class ConversationRecords(Sequence[Conversation]):
     """The usable records of a scan, read back from their files when indexed: never loaded whole.
 

@@ -85,19 +85,29 @@ def check_policy(policy: str) -> None:
 
 
 def apply_thinking(conversation: Conversation, policy: str) -> Conversation:
-    """`conversation` with every assistant reply's reasoning kept, stripped or emptied."""
+    """`conversation` with every assistant reply's reasoning kept, stripped or emptied.
+
+    The boxes of the `<box>` placeholders removed with the reasoning go too, so each remaining
+    `<box>` still takes its own box (boxes are taken in order over all turns).
+    """
     check_policy(policy)
     if policy == "keep":
         return conversation
-    messages = []
+    messages, boxes = [], []
+    remaining = iter(conversation.boxes)
     for message in conversation.messages:
-        if message["role"] == "assistant":
-            text = "".join(part["text"] for part in message["content"] if part["type"] == "text")
-            _, answer = split_reasoning(text)
-            reply = answer if policy == "strip" else EMPTY_THINK + answer.lstrip("\n")
-            message = {**message, "content": [{"type": "text", "text": reply}]}
-        messages.append(message)
-    return replace(conversation, messages=messages)
+        texts = [part["text"] for part in message["content"] if part["type"] == "text"]
+        if message["role"] != "assistant":
+            boxes += [next(remaining) for _ in range(sum(text.count(BOX_PLACEHOLDER) for text in texts))]
+            messages.append(message)
+            continue
+        reasoning, answer = split_reasoning("".join(texts))
+        for _ in range((reasoning or "").count(BOX_PLACEHOLDER)):
+            next(remaining)  # the reasoning's box, removed with it
+        boxes += [next(remaining) for _ in range(answer.count(BOX_PLACEHOLDER))]
+        reply = answer if policy == "strip" else EMPTY_THINK + answer.lstrip("\n")
+        messages.append({**message, "content": [{"type": "text", "text": reply}]})
+    return replace(conversation, messages=messages, boxes=tuple(boxes))
 
 
 def rewrites_earlier_turns(processor, conversation: Conversation) -> bool:

@@ -10,7 +10,7 @@ sacrebleu dependency) and unit-tested against hand-computed values:
 - `anls`: Average Normalised Levenshtein Similarity (DocVQA, ST-VQA): 1 - edit distance / longer length
   on lower-cased, whitespace-collapsed strings, 0 when that distance is 0.5 or more.
 - `choice_accuracy`: the option letter of the answer equals the reference's ("B", "(B)", "B. cat",
-  "The answer is B").
+  "The answer is B", "I think the answer is B"; the article in "A cat is shown" names no option).
 - `box_iou`, `box_accuracy`: intersection over union of grounding boxes, and IoU >= 0.5 (acc@0.5).
   Boxes are read in every Qwen-VL convention (`parse_boxes`); references and answers of one family use
   the same coordinates, so IoU compares them directly.
@@ -101,20 +101,25 @@ def anls(answer: str, references: Sequence[str], threshold: float = 0.5) -> floa
     return max((similarity(reference) for reference in references), default=0.0)
 
 
-_CHOICE_PATTERNS = (
-    re.compile(r"^\s*\(?([A-Ja-j])\)?\s*[.:)]?\s*$"),  # a lone letter, any case: "b", "(c)."
-    re.compile(r"^\s*\(?([A-J])\)?\s*(?:[.:)\]]|$|\s)"),  # "B", "(B)", "B.", "B) cat", "B cat"
-    re.compile(r"\b(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-J])\)?(?![A-Za-z])", re.IGNORECASE),
+# "the answer is B", "Answer: (C)", "option D"; a lower-case letter only where it ends the text
+# ("answer: b"), so that "the answer is a cat" names no option. The last such phrase counts.
+_CHOICE_PHRASE = re.compile(
+    r"\b(?i:answer|option|choice)\s*(?:is|:)?\s*(?:\(([A-J])\)|([A-J])(?![A-Za-z])|\(?([a-j])\)?\s*[.!]?\s*$)"
 )
+_LONE_LETTER = re.compile(r"^\s*\(?([A-Ja-j])\)?\s*[.:)]?\s*$")  # "B", "b", "(c)."
+# A leading letter marked as an option: "(B) blue", "B. cat", "B) cat", "B: cat". A bare leading
+# capital is not enough: "A cat is shown", "I think so" start with an article and a pronoun.
+_MARKED_LETTER = re.compile(r"^\s*(?:\(([A-J])\)|([A-J])\s*[.:)\]])")
 
 
 def choice_letter(text: str) -> str | None:
-    """The option letter a multiple-choice answer names, or None."""
-    for pattern in _CHOICE_PATTERNS:
-        found = pattern.search(text)
-        if found:
-            return found.group(1).upper()
-    return None
+    """The option letter a multiple-choice answer names, or None: the letter of its last "the answer is
+    X" phrase, else a lone letter, else a leading letter marked as an option."""
+    phrases = list(_CHOICE_PHRASE.finditer(text))
+    found = phrases[-1] if phrases else _LONE_LETTER.search(text) or _MARKED_LETTER.search(text)
+    if found is None:
+        return None
+    return next(letter for letter in found.groups() if letter).upper()
 
 
 def choice_accuracy(answer: str, references: Sequence[str]) -> float:

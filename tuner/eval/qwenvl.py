@@ -1,9 +1,11 @@
 """`tuner eval qwenvl`: answer an eval set with the base model and each adapter, and score the answers.
 
 Answers are greedy and batched (left padding, prompts of similar length together), with the processor
-and chat template the adapter was trained with (`load_processor_of`). Each sample's reference is the
-last assistant turn of its conversation and the prompt is everything before it, exactly as
-`tuner infer qwenvl --data` answers. The same scoring runs during training (`output.eval_data`).
+and chat template the adapter was trained with (`load_processor_of`). Each record's prompt, media and
+reference come from `tuner.data.prompts.build_prompt`, as training samples and `tuner infer qwenvl
+--data` get them: the prompt is everything before the last reply, the reference is that reply's final
+answer (boxes in the family's convention, no `<think>` block), and an answer is scored on its final
+answer. The same scoring runs during training (`output.eval_data`).
 
 An eval sample whose prompt and images also appear in an adapter's training data is refused (or, with
 `allow_overlap`, counted and reported loudly): scoring on training samples rewards memorisation.
@@ -24,10 +26,10 @@ import torch
 import yaml
 
 from tuner.data.conversations import Conversation, load_conversations
-from tuner.data.images import load_image_rgb
+from tuner.data.prompts import Prompt, build_prompt, model_inputs, scored_answer
 from tuner.data.vl_encoding import set_pixel_bounds
 from tuner.errors import ConfigError, DataError
-from tuner.eval.metrics import METRICS, score_answer
+from tuner.eval.metrics import METRICS, metrics_for, score_answer
 from tuner.models.qwenvl_infer import (
     QwenVLAnswerer,
     apply_adapter,
@@ -44,23 +46,10 @@ RESOLVED_CONFIG = "tuner_config.yaml"
 EVAL_FILE = "eval.json"
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 64
+# In-training evaluation generates at most this many tokens per answer, reasoning included.
+MAX_EVAL_NEW_TOKENS = 4 * DEFAULT_MAX_NEW_TOKENS
 WORST_SHOWN = 5
 OVERLAP_SHOWN = 3
-
-
-@dataclass
-class EvalSample:
-    """One question: the prompt turns, their images, and the reference answer."""
-
-    source: str
-    prompt: list[dict]
-    images: list[Path]
-    reference: str
-
-    @property
-    def question(self) -> str:
-        user = next((m for m in reversed(self.prompt) if m["role"] == "user"), None)
-        return _text_of(user) if user is not None else ""
 
 
 @dataclass
@@ -96,17 +85,19 @@ class EvalReport:
         return names
 
 
-def eval_samples(conversations: Iterable[Conversation]) -> list[EvalSample]:
-    """Split each conversation into its prompt (all turns but the last) and reference (the last turn,
-    the assistant's, which `load_conversations` guarantees; images only sit in prompt turns)."""
-    return [
-        EvalSample(c.source, c.messages[:-1], list(c.images), _text_of(c.messages[-1])) for c in conversations
-    ]
+def load_eval_conversations(data: str | Path, image_root: str | Path | None = None) -> Sequence[Conversation]:
+    """The records of `data`, every one checked; `tiny` is the held-out questions of the tiny dataset."""
+    return checked_conversations(resolve_tiny_eval_set(str(data)), image_root)
 
 
-def load_eval_samples(data: str | Path, image_root: str | Path | None = None) -> list[EvalSample]:
-    """The samples of `data`; `tiny` is the held-out questions of the generated tiny dataset."""
-    return eval_samples(checked_conversations(resolve_tiny_eval_set(str(data)), image_root))
+def eval_prompts(processor, conversations: Iterable[Conversation], thinking: str = "keep") -> list[Prompt]:
+    """Each record's prompt and reference for `processor` (its family's boxes, its pixel bounds)."""
+    return [build_prompt(processor, conversation, thinking) for conversation in conversations]
+
+
+def produced_metrics(prompts: Iterable[Prompt]) -> set[str]:
+    """The metrics automatic scoring gives these prompts' answers, `overall` included."""
+    return {"overall"}.union(*(metrics_for(prompt.reference) for prompt in prompts))
 
 
 def sample_fingerprint(prompt: Sequence[dict], images: Sequence[Path]) -> str:
@@ -130,8 +121,8 @@ def training_data_of(adapter_dir: str | Path) -> tuple[str, str | None] | None:
     return (str(data["path"]), data.get("image_root")) if data.get("path") else None
 
 
-def overlapping_samples(samples: Sequence[EvalSample], data: str, image_root: str | None) -> list[str]:
-    """The sources of the eval samples whose prompt and images are also in the training data `data`."""
+def overlapping_samples(samples: Sequence[Conversation], data: str, image_root: str | None) -> list[str]:
+    """The sources of the eval records whose prompt and images are also in the training data `data`."""
     path = resolve_tiny_dataset(data, TASK)
     if not Path(path).exists():
         print(
@@ -147,11 +138,11 @@ def overlapping_samples(samples: Sequence[EvalSample], data: str, image_root: st
         for end, message in enumerate(conversation.messages):
             if message["role"] == "assistant":
                 seen.add(sample_fingerprint(conversation.messages[:end], usable))
-    return [s.source for s in samples if sample_fingerprint(s.prompt, s.images) in seen]
+    return [s.source for s in samples if sample_fingerprint(s.messages[:-1], s.images) in seen]
 
 
 def check_overlap(
-    samples: Sequence[EvalSample], adapter_dir: str | Path, eval_data: str, allow_overlap: bool
+    samples: Sequence[Conversation], adapter_dir: str | Path, eval_data: str, allow_overlap: bool
 ) -> int:
     """Refuse eval samples that the adapter trained on (or, with `allow_overlap`, warn); returns how many."""
     training = training_data_of(adapter_dir)
@@ -177,24 +168,21 @@ def check_overlap(
 
 def answer_samples(
     answerer: QwenVLAnswerer,
-    samples: Sequence[EvalSample],
+    samples: Sequence[Prompt],
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    images: dict[str, Any] | None = None,
+    media: dict[str, Any] | None = None,
 ) -> list[str]:
     """Greedy answers, in the order of `samples`, `batch_size` prompts of similar length at a time.
 
-    `images` are `load_image_rgb` options (background, max_pixels); `autocast` wraps generation
-    (training passes the Accelerator's, for its mixed precision).
+    `media` are `model_inputs` options (background, max_image_pixels, video); `autocast` wraps
+    generation (training passes the Accelerator's, for its mixed precision).
     """
     if batch_size < 1:
         raise ConfigError(f"batch size {batch_size} is below 1", hint="use e.g. --batch-size 8")
     processor = answerer.processor
-    texts = [
-        processor.apply_chat_template(s.prompt, tokenize=False, add_generation_prompt=True) for s in samples
-    ]
-    order = sorted(range(len(samples)), key=lambda index: len(texts[index]))
+    order = sorted(range(len(samples)), key=lambda index: len(samples[index].text))
     answers = [""] * len(samples)
     tokenizer = processor.tokenizer
     # Generation appends after the last position, so a batch of prompts is padded on the left.
@@ -202,10 +190,8 @@ def answer_samples(
     try:
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
-            pictures = [load_image_rgb(path, **(images or {})) for i in chosen for path in samples[i].images]
-            inputs = processor(
-                text=[texts[i] for i in chosen], images=pictures or None, padding=True, return_tensors="pt"
-            ).to(answerer.device)
+            inputs = model_inputs(processor, [samples[i] for i in chosen], **(media or {}))
+            inputs = inputs.to(answerer.device)
             with torch.inference_mode(), autocast():
                 generated = answerer.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             new_tokens = generated[:, inputs["input_ids"].shape[1] :]
@@ -218,43 +204,40 @@ def answer_samples(
 
 def score_samples(
     name: str,
-    samples: Sequence[EvalSample],
+    samples: Sequence[Prompt],
     answers: Sequence[str],
     metrics: Sequence[str] | None = None,
     adapter: str | None = None,
 ) -> ModelResult:
-    """Score each answer (`metrics` None: chosen per sample from its reference) and average."""
+    """Score each answer's final answer (`scored_answer`; `metrics` None: chosen per sample from its
+    reference) and average."""
     unknown = [metric for metric in metrics or () if metric not in METRICS]
     if unknown:
         raise ConfigError(f"unknown metric(s) {', '.join(unknown)}", hint=f"choose from {', '.join(METRICS)}")
     records, totals, counts = [], {}, {}
     for sample, answer in zip(samples, answers, strict=True):
-        scores = score_answer(answer, [sample.reference], metrics)
+        final = scored_answer(answer, sample)
+        scores = score_answer(final, [sample.reference], metrics)
         for metric, value in scores.items():
             totals[metric] = totals.get(metric, 0.0) + value
             counts[metric] = counts.get(metric, 0) + 1
-        records.append(
-            {
-                "source": sample.source,
-                "question": sample.question,
-                "reference": sample.reference,
-                "answer": answer,
-                "scores": scores,
-                "score": next(iter(scores.values())),
-            }
-        )
+        record = {"source": sample.source, "question": sample.question, "reference": sample.reference}
+        record["answer"] = answer
+        if final != answer.strip():
+            record["final_answer"] = final  # what was scored: the answer after its reasoning
+        records.append(record | {"scores": scores, "score": next(iter(scores.values()))})
     means = {metric: totals[metric] / counts[metric] for metric in totals}
     overall = sum(record["score"] for record in records) / len(records) if records else 0.0
     return ModelResult(name, adapter, records, means, overall)
 
 
-def held_out_eval_samples(
+def held_out_eval_conversations(
     eval_data: str, training_data: str, image_root: str | Path | None = None
-) -> list[EvalSample]:
-    """The samples of `eval_data` for evaluation during training (`output.eval_data`); refused when any
+) -> Sequence[Conversation]:
+    """The records of `eval_data` for evaluation during training (`output.eval_data`); refused when any
     of them is also in `training_data` (there is no --allow-overlap here: the scores would steer which
     checkpoint is kept towards memorisation)."""
-    samples = load_eval_samples(eval_data, image_root)
+    samples = load_eval_conversations(eval_data, image_root)
     found = overlapping_samples(samples, training_data, str(image_root) if image_root else None)
     if found:
         listed = ", ".join(found[:OVERLAP_SHOWN]) + (" ..." if len(found) > OVERLAP_SHOWN else "")
@@ -266,27 +249,26 @@ def held_out_eval_samples(
     return samples
 
 
-def answer_budget(processor, samples: Sequence[EvalSample], margin: int = 8) -> int:
-    """New tokens enough for the longest reference plus `margin`: an answer far longer than every
-    reference scores badly anyway, and an untrained model would otherwise generate up to the limit."""
-    longest = max((len(processor.tokenizer(s.reference)["input_ids"]) for s in samples), default=0)
-    return min(longest + margin, DEFAULT_MAX_NEW_TOKENS)
+def answer_budget(processor, samples: Sequence[Prompt], margin: int = 8) -> int:
+    """New tokens enough for the longest reply as it trains (its reasoning too) plus `margin`: an answer
+    far longer than every reply scores badly anyway, and an untrained model would otherwise generate
+    up to the limit."""
+    longest = max((len(processor.tokenizer(s.reply)["input_ids"]) for s in samples), default=0)
+    return min(longest + margin, MAX_EVAL_NEW_TOKENS)
 
 
 def score_during_training(
     answerer: QwenVLAnswerer,
-    samples: Sequence[EvalSample],
+    samples: Sequence[Prompt],
     answers_file: Path,
     autocast: Callable[[], contextlib.AbstractContextManager],
-    images: dict[str, Any],
+    media: dict[str, Any],
     step: int,
 ) -> dict[str, float]:
     """The loop's `eval_fn`: answer and score `samples` as `tuner eval qwenvl` does, append every scored
     answer (with its step) to `answers_file`, and return the metric means and `overall`."""
     max_new_tokens = answer_budget(answerer.processor, samples)
-    answers = answer_samples(
-        answerer, samples, max_new_tokens=max_new_tokens, autocast=autocast, images=images
-    )
+    answers = answer_samples(answerer, samples, max_new_tokens=max_new_tokens, autocast=autocast, media=media)
     result = score_samples(f"step {step}", samples, answers)
     answers_file.parent.mkdir(parents=True, exist_ok=True)
     with open(answers_file, "a", encoding="utf-8") as handle:
@@ -311,26 +293,28 @@ def evaluate_qwenvl(
     load_options: dict[str, Any] | None = None,
 ) -> EvalReport:
     """Answer and score `data` with the base model and each adapter; the base loads once and each adapter
-    is put on and taken off it again (PEFT `unload`)."""
+    is put on and taken off it again (PEFT `unload`). Prompts and references are built for each model's
+    processor (an adapter's own pixel bounds place Qwen2.5-VL's boxes)."""
     if not adapters and not include_base:
         raise ConfigError("nothing to evaluate: --no-base without any --adapter", hint="add --adapter DIR")
-    samples = load_eval_samples(data, image_root)
+    conversations = load_eval_conversations(data, image_root)
     overlaps = {
-        str(adapter): check_overlap(samples, adapter, str(data), allow_overlap) for adapter in adapters
+        str(adapter): check_overlap(conversations, adapter, str(data), allow_overlap) for adapter in adapters
     }
     if model is None and adapters:
         model = recorded_base_model(adapters[0])
     answerer = load_answerer(model, runtime, max_pixels=max_pixels, **(load_options or {}))
-    report = EvalReport(str(data), len(samples))
+    report = EvalReport(str(data), len(conversations))
     options = {"batch_size": batch_size, "max_new_tokens": max_new_tokens}
     if include_base:
-        print(f"answering {len(samples)} samples with the base model {model}")
+        print(f"answering {len(conversations)} samples with the base model {model}")
+        samples = eval_prompts(answerer.processor, conversations)
         report.models.append(
             score_samples("base", samples, answer_samples(answerer, samples, **options), metrics)
         )
     base_model, base_processor = answerer.model, answerer.processor
     for adapter in adapters:
-        print(f"answering {len(samples)} samples with adapter {adapter}")
+        print(f"answering {len(conversations)} samples with adapter {adapter}")
         peft_model = apply_adapter(base_model, answerer.family, str(model), adapter)
         processor = load_processor_of(adapter) or base_processor
         if max_pixels is not None:
@@ -341,6 +325,7 @@ def evaluate_qwenvl(
             )
         peft_model.to(answerer.device).eval()
         adapted = QwenVLAnswerer(peft_model, processor, answerer.family, answerer.device)
+        samples = eval_prompts(processor, conversations)
         result = score_samples(
             _adapter_name(adapter, adapters), samples, answer_samples(adapted, samples, **options), metrics
         )
@@ -420,7 +405,3 @@ def format_table(report: EvalReport) -> str:
 def _short(text: str, limit: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _text_of(message: dict) -> str:
-    return "".join(part.get("text", "") for part in message["content"] if part.get("type") == "text")

@@ -27,11 +27,11 @@ from tuner.data.grounding import (
     draw_boxes,
     parse_answer_boxes,
     resized_size,
-    write_boxes,
 )
 from tuner.data.images import load_image_rgb
+from tuner.data.prompts import build_prompt, model_inputs, prompt_of, scored_answer
 from tuner.data.video import VideoSource
-from tuner.data.vl_encoding import set_pixel_bounds, video_inputs
+from tuner.data.vl_encoding import set_pixel_bounds
 from tuner.errors import ConfigError, DataError, ModelError
 from tuner.models.qwenvl import (
     ADAPTER_METADATA_FILE,
@@ -228,10 +228,7 @@ def generate_answer(
     if max_new_tokens < 1:
         raise ConfigError(f"max new tokens {max_new_tokens} is below 1", hint="use e.g. --max-new-tokens 128")
     processor = answerer.processor
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    pictures = [load_image_rgb(path) for path in images]
-    clips = video_inputs(processor, tuple(videos))
-    inputs = processor(text=[text], images=pictures or None, **clips, return_tensors="pt").to(answerer.device)
+    inputs = model_inputs(processor, [prompt_of(processor, messages, images, videos)]).to(answerer.device)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():
         generated = answerer.model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
@@ -297,10 +294,12 @@ def answer_dataset(
 ) -> int:
     """Answer every conversation of a training-format dataset (`tiny`: the generated one); returns the count.
 
-    The prompt is the conversation up to its last assistant turn and the reference is that turn. Each
-    line of `out` (JSONL) holds `source`, `question` (the last user turn's text), `reference` and
-    `answer`; lines are written as answers come, so a long run can be watched and an interrupted one
-    keeps what it finished.
+    Prompt and reference come from `tuner.data.prompts.build_prompt`, as `tuner eval qwenvl` builds
+    them: the conversation up to its last reply, and that reply's final answer (boxes written in the
+    family's convention, no `<think>` block). Each line of `out` (JSONL) holds `source`, `question`
+    (the last user turn's text), `reference` and `answer` (and `final_answer`, the part after the
+    reasoning, when the answer reasoned); lines are written as answers come, so a long run can be
+    watched and an interrupted one keeps what it finished.
     """
     conversations = checked_conversations(data, image_root)
     out = Path(out)
@@ -331,21 +330,12 @@ def checked_conversations(data: str | Path, image_root: str | Path | None) -> Se
 def _answer_record(
     answerer: QwenVLAnswerer, conversation: Conversation, max_new_tokens: int, temperature: float
 ) -> dict[str, str]:
-    messages = write_boxes(answerer.processor, conversation).messages
-    # load_conversations guarantees the last turn is the assistant's answer and that no image sits in
-    # an assistant turn, so every image belongs to the prompt.
-    prompt = messages[:-1]
-    question = next((m for m in reversed(prompt) if m["role"] == "user"), None)
+    """The record's answer beside its reference, both as `tuner eval qwenvl` scores them."""
+    prompt = build_prompt(answerer.processor, conversation)
     answer = generate_answer(
-        answerer, prompt, conversation.images, max_new_tokens, temperature, videos=conversation.videos
+        answerer, prompt.messages, prompt.images, max_new_tokens, temperature, videos=prompt.videos
     )
-    return {
-        "source": conversation.source,
-        "question": _text_of(question) if question is not None else "",
-        "reference": _text_of(messages[-1]),
-        "answer": answer,
-    }
-
-
-def _text_of(message: dict) -> str:
-    return "".join(part.get("text", "") for part in message["content"] if part["type"] == "text")
+    record = {"source": prompt.source, "question": prompt.question, "reference": prompt.reference}
+    final = scored_answer(answer, prompt)
+    # The answer after its reasoning, beside the whole answer, as tuner eval writes it.
+    return record | {"answer": answer} | ({"final_answer": final} if final != answer.strip() else {})

@@ -27,8 +27,8 @@ from tuner.config.keys import check_evaluation_keys, refuse_unused_keys
 from tuner.config.schema import RunConfig
 from tuner.data.check import DataReport, duplicate_conversations
 from tuner.data.conversations import Conversation, ConversationRecords, load_conversations
-from tuner.data.grounding import write_boxes
-from tuner.data.images import DEFAULT_MAX_PIXELS, load_image_rgb
+from tuner.data.images import DEFAULT_MAX_PIXELS
+from tuner.data.prompts import Prompt, build_prompt, model_inputs
 from tuner.data.sampling import GroupedBatchSampler, held_out_indices
 from tuner.data.thinking import TrainingSamples, describe_policy
 from tuner.data.video import VideoSampling, video_sampling_of
@@ -44,11 +44,15 @@ from tuner.data.vl_encoding import (
     samples_in_batch,
     set_pixel_bounds,
     token_length,
-    video_inputs,
 )
 from tuner.distributed import build_distributed_accelerator, gathered_state_dict, launched_rank
 from tuner.errors import ConfigError, DataError
-from tuner.eval.qwenvl import held_out_eval_samples, score_during_training
+from tuner.eval.qwenvl import (
+    eval_prompts,
+    held_out_eval_conversations,
+    produced_metrics,
+    score_during_training,
+)
 from tuner.models.qwenvl import (
     EMA_ADAPTER_DIR,
     add_lora,
@@ -132,8 +136,8 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
     output_dir = open_output_folder(config, TASK, resume)
     # The data is checked before any model loads: a refusal costs seconds, not a model load.
     conversations = load_training_conversations(config)
-    eval_samples = (
-        held_out_eval_samples(config.output.eval_data, config.data.path, config.data.image_root)
+    eval_conversations = (
+        held_out_eval_conversations(config.output.eval_data, config.data.path, config.data.image_root)
         if config.output.eval_data
         else []
     )
@@ -175,6 +179,9 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
         config.data.video_max_pixels,
     )
     apply_fast_paths(model, family, runtime.device_type, config.model)
+    # Built with the run's processor (its family's boxes, its pixel bounds) and thinking policy.
+    eval_samples = eval_prompts(processor, eval_conversations, config.data.thinking)
+    check_keep_best_is_produced(config.output.keep_best, eval_samples, config.output.eval_data)
 
     lora = config.lora
     groups = lora.targets or DEFAULT_TARGETS
@@ -281,36 +288,55 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
             eval_samples,
             output_dir / "samples" / EVAL_ANSWERS,
             accelerator.autocast,
-            {"background": config.data.background, "max_pixels": config.data.max_image_pixels},
+            media,
         )
         if eval_samples
         else None,
+        save_fn=functools.partial(
+            save_outputs,
+            peft_model,
+            processor,
+            accelerator,
+            output_dir,
+            # The dtype the base ran in: serve.md serves it in the same one, so answers match `tuner infer`.
+            {"base_model": base_model, "family": family, "dtype": str(runtime.compute_dtype)},
+            config.train.ema_decay,
+        ),
         num_workers=config.data.num_workers,
+        pin_memory=config.data.pin_memory,
         batch_size_of=samples_in_batch,
         loss_items_of=supervised_tokens,
     )
     try:
-        result = run_training(job, settings, accelerator, output_dir, resume)
+        run_training(job, settings, accelerator, output_dir, resume)
     finally:
         finish_trackers(accelerator)  # also when training stops early
+    return output_dir
 
+
+def save_outputs(
+    peft_model: torch.nn.Module,
+    processor,
+    accelerator,
+    output_dir: Path,
+    metadata: dict[str, str],
+    ema_decay: float | None,
+    ema_state: dict[str, torch.Tensor] | None,
+) -> None:
+    """The adapter with its processor, the serve file, and the EMA adapter in `ema/` (the loop's
+    `save_fn`, called on every process before the last evaluation)."""
     accelerator.wait_for_everyone()
     # Under ZeRO-3/FSDP each process holds a shard: every process takes part in gathering the weights.
     full_weights = gathered_state_dict(accelerator)
     if accelerator.is_main_process:
-        metadata = {"base_model": base_model, "family": family}
         save_adapter(peft_model, output_dir, processor, metadata, state_dict=full_weights)
         write_serve_file(output_dir)
-        if result.ema_state:
+        if ema_state:
             # EMA is refused with ZeRO-3/FSDP (check_settings), so the model holds whole weights here.
-            with parameters_replaced(peft_model, result.ema_state):
+            with parameters_replaced(peft_model, ema_state):
                 save_adapter(
-                    peft_model,
-                    output_dir / EMA_ADAPTER_DIR,
-                    processor,
-                    {**metadata, "ema_decay": config.train.ema_decay},
+                    peft_model, output_dir / EMA_ADAPTER_DIR, processor, {**metadata, "ema_decay": ema_decay}
                 )
-    return output_dir
 
 
 def check_settings(config: RunConfig) -> None:
@@ -344,6 +370,23 @@ def check_settings(config: RunConfig) -> None:
         raise ConfigError(
             f"train.ema_decay does not work with runtime.distributed={config.runtime.distributed}",
             hint="leave train.ema_decay unset, or train with runtime.distributed ddp or zero2",
+        )
+
+
+def check_keep_best_is_produced(
+    keep_best: str | None, eval_samples: Sequence[Prompt], eval_data: str | None
+) -> None:
+    """Refuse an `output.keep_best=eval/<metric>` that scoring `eval_samples` never produces: it would
+    never keep a checkpoint. Which metrics a sample gets follows its reference (`metrics_for`)."""
+    if keep_best is None or not keep_best.startswith("eval/") or not eval_samples:
+        return
+    produced = produced_metrics(eval_samples)
+    if keep_best.removeprefix("eval/") not in produced:
+        raise ConfigError(
+            f"output.keep_best={keep_best}: the references of output.eval_data {eval_data} are scored "
+            f"with {', '.join(sorted(produced))}, so it is never measured",
+            hint=f"keep the best of one of eval/{', eval/'.join(sorted(produced))}; box metrics need "
+            "references with boxes, choice_accuracy references that are an option letter",
         )
 
 
@@ -530,24 +573,19 @@ def write_sample_answers(
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     video: VideoSampling | None = None,
 ) -> None:
-    """Greedy answers to the first user turns of a few training conversations, appended to answers.jsonl.
+    """Greedy answers to a few training samples (their conversation up to the last reply, as
+    `tuner eval qwenvl` asks it), appended to answers.jsonl with the reference they train towards.
 
-    The loop calls this on the main process, in eval mode under no_grad.
+    The samples already have the thinking policy applied. The loop calls this on the main process, in
+    eval mode under no_grad.
     """
     device = next(peft_model.parameters()).device
     records = []
     for conversation in conversations:
-        conversation = write_boxes(processor, conversation)
-        answer_at = next(i for i, m in enumerate(conversation.messages) if m["role"] == "assistant")
-        prompt_messages = conversation.messages[:answer_at]
-        parts = [part.get("type") for m in prompt_messages for part in m["content"]]
-        images = [
-            load_image_rgb(path, background, max_image_pixels)
-            for path in conversation.images[: parts.count("image")]
-        ]
-        videos = video_inputs(processor, conversation.videos[: parts.count("video")], video)
-        text = processor.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-        inputs = processor(text=[text], images=images or None, **videos, return_tensors="pt").to(device)
+        prompt = build_prompt(processor, conversation)
+        inputs = model_inputs(
+            processor, [prompt], background=background, max_image_pixels=max_image_pixels, video=video
+        ).to(device)
         with accelerator.autocast():
             generated = peft_model.generate(
                 **inputs, max_new_tokens=SAMPLE_MAX_NEW_TOKENS, do_sample=False, use_cache=True
@@ -557,8 +595,8 @@ def write_sample_answers(
             {
                 "step": step,
                 "source": conversation.source,
-                "question": _text_of(prompt_messages[-1]),
-                "reference": _text_of(conversation.messages[answer_at]),
+                "question": prompt.question,
+                "reference": prompt.reference,
                 "answer": processor.decode(new_tokens, skip_special_tokens=True),
             }
         )
@@ -566,7 +604,3 @@ def write_sample_answers(
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     log_sample_answers(accelerator, step, records)
-
-
-def _text_of(message: dict) -> str:
-    return "".join(part.get("text", "") for part in message["content"] if part.get("type") == "text")

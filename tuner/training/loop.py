@@ -22,7 +22,9 @@ import logging
 import math
 import shutil
 import signal
+import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -41,6 +43,7 @@ from accelerate.utils import (
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from tuner.atomic import write_atomically
 from tuner.data.sampling import GroupedBatchSampler, SampleKey
 from tuner.distributed import describe_global_batch
 from tuner.errors import CheckpointError, DataError, TunerError
@@ -115,8 +118,13 @@ class TrainingJob:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler  # sized in optimizer steps (max_steps)
     # (step, samples_dir), main process only, in eval mode under no_grad, with the training RNG set aside.
     sample_fn: Callable[[int, Path], None] | None = None
-    # step -> {metric: score}, called like sample_fn; the loop logs them as `eval/<metric>`.
+    # step -> {metric: score}, called like sample_fn; the loop logs them as `eval/<metric>`. One that
+    # fails is reported and training goes on: a failing evaluation never costs the run.
     eval_fn: Callable[[int], dict[str, float]] | None = None
+    # Writes the run's outputs (the adapter) from the trained weights and the EMA state (None without
+    # EMA), on every process, once the run is done: after the final checkpoint and before the last
+    # evaluation, so that neither can be lost to it. None: the recipe saves after run_training.
+    save_fn: Callable[[dict[str, torch.Tensor] | None], None] | None = None
     # Already-collated batches; the loss runs under no_grad with the RNG seeded from settings.seed.
     validation_batches: list[Any] | None = None
     num_workers: int = 0
@@ -220,6 +228,11 @@ def run_training(
                 hint="continue with the same command plus --resume latest",
                 signal_number=stop_signal,
             )
+        if not run.diverged:
+            if job.save_fn is not None:
+                job.save_fn(run.ema)
+            if run.state.step > first_step:
+                _evaluate_last_step(run)
         _finish(run)
     finally:
         _close(run)
@@ -529,14 +542,31 @@ def _evaluate_on_schedule(
         _validate(job, model, accelerator, settings.seed, state, metrics)
         new_best = _note_best(settings.keep_best, state, "validation_loss", state.validation_losses[-1][1])
     every = settings.eval_every
-    if job.eval_fn and ((every and state.step % every == 0) or state.step == settings.max_steps):
-        # At the last step too, before the run's final checkpoint, so that it can be the best one.
+    # The last step is evaluated once its checkpoint and outputs are written (`_evaluate_last_step`).
+    if job.eval_fn and every and state.step % every == 0 and state.step != settings.max_steps:
         scores = _evaluate(job.eval_fn, model, accelerator, state, metrics)
         for name, value in scores.items():
             new_best = _note_best(settings.keep_best, state, f"eval/{name}", value) or new_best
     if job.sample_fn and settings.sample_every and state.step % settings.sample_every == 0:
         _sample(job.sample_fn, model, accelerator, state.step, output_dir)
     return new_best
+
+
+def _evaluate_last_step(run: _Run) -> None:
+    """Evaluate the last step after its checkpoint and the run's outputs are written. A new best makes
+    that final checkpoint the best one: its loop state records it, and the older best may be pruned."""
+    job, settings, state = run.job, run.settings, run.state
+    if job.eval_fn is None:
+        return
+    scores = _evaluate(job.eval_fn, run.model, run.accelerator, state, run.metrics)
+    improved = [
+        _note_best(settings.keep_best, state, f"eval/{name}", value) for name, value in scores.items()
+    ]
+    if any(improved) and run.saved_at == state.step and run.accelerator.is_main_process:
+        checkpoint = checkpoints_root(run.output_dir) / checkpoint_name(state.step)
+        write_atomically(checkpoint / LOOP_STATE, lambda path: path.write_text(json.dumps(asdict(state))))
+        for deleted in prune_checkpoints(run.output_dir, settings.keep_checkpoints, also_keep=state.step):
+            logger.info("deleted old checkpoint %s", deleted)
 
 
 def _evaluate(
@@ -547,18 +577,35 @@ def _evaluate(
     metrics: MetricsLog | None,
 ) -> dict[str, float]:
     """The scores of `eval_fn` (on the main process, like sampling), shared with every process so that
-    all agree on whether to save a best checkpoint, and logged as `eval/<metric>`."""
+    all agree on whether to save a best checkpoint, and logged as `eval/<metric>`. An evaluation that
+    fails is reported and scores nothing: training, checkpoints and outputs go on without it."""
     scores = None
     if accelerator.is_main_process:
         with _evaluating(model, accelerator.device):
-            scores = eval_fn(state.step)
+            try:
+                scores = eval_fn(state.step)
+            except Exception as error:  # any failure, a bug included: it must not cost the run
+                _report_failed_evaluation(state.step, error)
     if accelerator.num_processes > 1:
         scores = broadcast_object_list([scores])[0]
+    if scores is None:
+        return {}
     if metrics is not None:
         metrics.write(
             {"step": state.step, "epoch": state.epoch, **{f"eval/{k}": v for k, v in scores.items()}}
         )
     return scores
+
+
+def _report_failed_evaluation(step: int, error: Exception) -> None:
+    """One warning for a user's error (with its hint); a bug also keeps its traceback."""
+    print(
+        f"warning: the evaluation at step {step} failed and scored nothing; training and its checkpoints "
+        f"and outputs go on: {type(error).__name__}: {error}",
+        file=sys.stderr,
+    )
+    if not isinstance(error, TunerError):
+        traceback.print_exception(error, file=sys.stderr)
 
 
 def _note_best(keep_best: str | None, state: LoopState, name: str, value: float) -> bool:
