@@ -30,6 +30,7 @@ from tuner.data.prompts import Prompt, build_prompt, model_inputs, scored_answer
 from tuner.data.vl_encoding import set_pixel_bounds
 from tuner.errors import ConfigError, DataError
 from tuner.eval.metrics import METRICS, metrics_for, score_answer
+from tuner.models.decoding import decode_whole_characters
 from tuner.models.qwenvl_infer import (
     QwenVLAnswerer,
     apply_adapter,
@@ -196,7 +197,7 @@ def answer_samples(
                 generated = answerer.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             new_tokens = generated[:, inputs["input_ids"].shape[1] :]
             for index, tokens in zip(chosen, new_tokens, strict=True):
-                answers[index] = processor.decode(tokens, skip_special_tokens=True).strip()
+                answers[index] = decode_whole_characters(processor, tokens, skip_special_tokens=True).strip()
     finally:
         tokenizer.padding_side = padding_side
     return answers

@@ -33,6 +33,7 @@ from tuner.data.prompts import build_prompt, model_inputs, prompt_of, scored_ans
 from tuner.data.video import VideoSource
 from tuner.data.vl_encoding import set_pixel_bounds
 from tuner.errors import ConfigError, DataError, ModelError
+from tuner.models.decoding import decode_whole_characters
 from tuner.models.qwenvl import (
     ADAPTER_METADATA_FILE,
     detect_family,
@@ -232,8 +233,8 @@ def generate_answer(
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():
         generated = answerer.model.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
-    answer = processor.decode(
-        generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=skip_special_tokens
+    answer = decode_whole_characters(
+        processor, generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=skip_special_tokens
     )
     for end in END_TOKENS:
         answer = answer.split(end)[0]

@@ -53,6 +53,7 @@ from tuner.eval.qwenvl import (
     produced_metrics,
     score_during_training,
 )
+from tuner.models.decoding import decode_whole_characters
 from tuner.models.qwenvl import (
     EMA_ADAPTER_DIR,
     add_lora,
@@ -597,7 +598,7 @@ def write_sample_answers(
                 "source": conversation.source,
                 "question": prompt.question,
                 "reference": prompt.reference,
-                "answer": processor.decode(new_tokens, skip_special_tokens=True),
+                "answer": decode_whole_characters(processor, new_tokens, skip_special_tokens=True),
             }
         )
     with open(Path(samples_dir) / "answers.jsonl", "a", encoding="utf-8") as handle:
