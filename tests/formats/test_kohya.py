@@ -242,3 +242,62 @@ def test_convert_names_modules_after_the_recorded_base_and_refuses_an_unknown_la
     with pytest.raises(ModelError, match="is not in SDXL base's UNet") as refused:
         import_kohya(tmp_path / "u.safetensors", tmp_path / "u-back")
     assert "--base" in refused.value.hint
+
+
+def _sd_scripts_hashes(path):
+    """kohya-ss/sd-scripts library/train_util.py, as its train_network.py fills `ss_sd_model_hash` and
+    `ss_new_sd_model_hash`: `model_hash` (sha256 of 0x10000 bytes from 0x100000, 8 hex digits) and
+    `calculate_sha256` (the whole file, read in 1 MiB blocks)."""
+    import hashlib
+
+    with open(path, "rb") as file:
+        file.seek(0x100000)
+        old = hashlib.sha256(file.read(0x10000)).hexdigest()[0:8]
+    new = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1024 * 1024), b""):
+            new.update(chunk)
+    return old, new.hexdigest()
+
+
+def test_base_model_hashes_are_the_ones_kohya_records(tmp_path):
+    from tuner.formats.kohya import base_model_hashes
+
+    checkpoint = tmp_path / "base.safetensors"
+    checkpoint.write_bytes(torch.randint(0, 256, (3 * 1024 * 1024 + 7,), dtype=torch.uint8).numpy().tobytes())
+    old, new = _sd_scripts_hashes(checkpoint)
+    assert base_model_hashes(str(checkpoint)) == {"base_model_hash": old, "base_model_sha256": new}
+    assert base_model_hashes(str(tmp_path)) == {} and base_model_hashes("stabilityai/sdxl") == {}
+
+
+def test_kohya_header_carries_the_base_hashes_under_kohyas_keys(tiny_model, tmp_path):
+    from tuner.formats.kohya import base_unet_config
+    from tuner.models.sdxl_lora import _add_header_metadata
+
+    adapter_file = write_adapter(tiny_model("sdxl"), tmp_path / "run", base_model="/models/base.safetensors")
+    _add_header_metadata(
+        adapter_file, {"tuner.base_model_hash": "0123abcd", "tuner.base_model_sha256": "ef" * 32}
+    )
+    kohya_file = export_kohya(
+        adapter_file, tmp_path / "style.safetensors", unet_config=base_unet_config("tiny")
+    )
+    _, header = read_safetensors(kohya_file)
+    assert header["ss_sd_model_name"] == "/models/base.safetensors"
+    assert header["ss_sd_model_hash"] == "0123abcd" and header["ss_new_sd_model_hash"] == "ef" * 32
+
+
+def test_adapter_files_and_conversions_get_the_umask_modes(tiny_model, tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o027)
+    try:
+        adapter_file = write_adapter(tiny_model("sdxl"), tmp_path / "run")
+        kohya_file = export_kohya(adapter_file, tmp_path / "kohya" / "style.safetensors")
+        back = import_kohya(kohya_file, tmp_path / "back")
+    finally:
+        os.umask(previous)
+    written = [adapter_file, kohya_file, back]
+    assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in written} == {
+        path.name: oct(0o640) for path in written
+    }

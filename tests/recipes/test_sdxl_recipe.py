@@ -4,6 +4,7 @@ plain diffusers loads, the resolved config, metrics, a loss plot and sample grid
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -182,7 +183,8 @@ def test_each_dataset_layout_trains(caption_folder: Path, tmp_path: Path, layout
 
 
 @pytest.mark.slow
-def test_trains_from_a_single_file_checkpoint(caption_folder: Path, tmp_path: Path) -> None:
+def test_trains_from_a_single_file_checkpoint(caption_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    from tuner.formats.kohya import read_safetensors
     from tuner.formats.sdxl_single_file import save_sdxl_single_file
 
     tiny = build_tiny("sdxl")
@@ -191,14 +193,24 @@ def test_trains_from_a_single_file_checkpoint(caption_folder: Path, tmp_path: Pa
     save_sdxl_single_file(
         checkpoint, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2
     )
+    monkeypatch.chdir(tmp_path)  # the base given as a relative path, as users type it
     config = _config(
         caption_folder,
         tmp_path / "run",
-        model={"name_or_path": str(checkpoint), "single_file_config": str(tiny)},
+        model={"name_or_path": checkpoint.name, "single_file_config": str(tiny)},
         train={"max_steps": 2},
         output={"sample_every": 0, "sample_steps": 1},
     )
     output = train_sdxl_lora(config)
+    # The kohya file names the base by its absolute path and with kohya's two hashes of it (sd-scripts'
+    # formulas: tests/formats/test_kohya.py checks base_model_hashes against them).
+    _, header = read_safetensors(output / "pytorch_lora_weights_kohya.safetensors")
+    full = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    with open(checkpoint, "rb") as file:
+        file.seek(0x100000)
+        short = hashlib.sha256(file.read(0x10000)).hexdigest()[:8]
+    assert header["ss_sd_model_name"] == header["tuner.base_model"] == str(checkpoint)
+    assert header["ss_sd_model_hash"] == short and header["ss_new_sd_model_hash"] == full
     # The adapter trained on the single file loads onto the folder model it was exported from.
     folder_pipeline = StableDiffusionXLPipeline.from_pretrained(tiny)
     folder_pipeline.load_lora_weights(output)

@@ -395,4 +395,9 @@ def _report_done(output_dir: Path) -> None:
     from tuner.distributed import launched_rank
 
     if launched_rank() == 0:  # once per run, not once per process
+        from tuner.recipes.common import where_the_adapter_is
+
         print(f"\nDone. Everything is in {output_dir}/")
+        where = where_the_adapter_is(output_dir)
+        if where:
+            print("The adapter, for each client:\n" + "\n".join(f"  {line}" for line in where))

@@ -28,6 +28,7 @@ anything else is refused rather than renamed wrongly.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import re
@@ -41,6 +42,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tuner.atomic import give_default_modes, write_atomically
 from tuner.config.load import RESOLVED_CONFIG_NAME
 from tuner.errors import ModelError, TunerError
 from tuner.formats.sdxl_unet_layout import UNetLayout
@@ -320,6 +322,8 @@ def diffusers_to_kohya(
 # Forge show in their LoRA metadata views (sd-scripts' names).
 _RECORD_TO_KOHYA = {
     "base_model": ("ss_sd_model_name",),
+    "base_model_hash": ("ss_sd_model_hash",),
+    "base_model_sha256": ("ss_new_sd_model_hash",),
     "steps": ("ss_steps", "ss_max_train_steps"),
     "epochs": ("ss_epoch", "ss_num_epochs"),
     "images": ("ss_num_train_images",),
@@ -332,6 +336,25 @@ _RECORD_TO_KOHYA = {
     "caption_prefix": ("modelspec.trigger_phrase",),
     "masked_loss": ("ss_masked_loss",),
 }
+
+
+def base_model_hashes(base_model: str) -> dict[str, str]:
+    """`{"base_model_hash", "base_model_sha256"}` of a single-file base, as kohya's sd-scripts records them
+    (`ss_sd_model_hash`, `ss_new_sd_model_hash`: library/train_util.py `model_hash`, A1111's old short hash
+    of 64 KiB at offset 1 MiB, and `calculate_sha256` of the whole file), so A1111 and the tools that read
+    those keys can match the LoRA to its checkpoint. A folder or hub ID has no such hash (sd-scripts writes
+    "IsADirectory" there): nothing is recorded for them."""
+    path = Path(base_model)
+    if not path.is_file():
+        return {}
+    short, whole = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as file:
+        file.seek(0x100000)
+        short.update(file.read(0x10000))
+        file.seek(0)
+        for block in iter(lambda: file.read(1 << 20), b""):
+            whole.update(block)
+    return {"base_model_hash": short.hexdigest()[:8], "base_model_sha256": whole.hexdigest()}
 
 
 def _kohya_header(metadata: Mapping[str, str], dim: int, alpha: float, title: str) -> dict[str, str]:
@@ -583,8 +606,8 @@ def export_kohya(
     )
     output_file = Path(output_file)
     output_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key: value.contiguous() for key, value in tensors.items()}, str(output_file), metadata=header)
-    return output_file
+    contiguous = {key: value.contiguous() for key, value in tensors.items()}
+    return write_atomically(output_file, lambda path: save_file(contiguous, str(path), metadata=header))
 
 
 def import_kohya(kohya_file: Path, output_dir: Path, unet_config: Mapping[str, Any] | None = None) -> Path:
@@ -612,6 +635,7 @@ def import_kohya(kohya_file: Path, output_dir: Path, unet_config: Mapping[str, A
     if carried:
         tensors_written, header = read_safetensors(path)
         save_file(tensors_written, str(path), metadata={**header, **carried})
+    give_default_modes(path)  # safetensors 0.8 writes it private (0600)
     return path
 
 

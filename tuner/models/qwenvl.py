@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -44,6 +45,7 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
 )
 
+from tuner.atomic import give_default_modes
 from tuner.errors import ConfigError, ModelError
 
 # peft 0.21 reads transformers 5.23's deprecated `is_gradient_checkpointing` whenever it wraps or loads an
@@ -411,6 +413,7 @@ def save_adapter(
             config.base_model_name_or_path = str(metadata["base_model"])
     # Embeddings are never adapted or resized here; "auto" would ask the hub whether the vocabulary changed.
     peft_model.save_pretrained(str(output_dir), save_embedding_layers=False, state_dict=state_dict)
+    give_default_modes(output_dir / SAFETENSORS_WEIGHTS_NAME)  # safetensors 0.8 writes it private (0600)
     processor.save_pretrained(str(output_dir))
     record = {
         **metadata,

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from tuner.atomic import write_folder_atomically
 from tuner.errors import ConfigError, ModelError
 from tuner.formats.safetensors_stream import SafetensorsStreamWriter
 from tuner.models.qwenvl import SUPPORTED_MODEL_TYPES, detect_family, read_config_dict
@@ -151,7 +150,7 @@ def merge_qwenvl_adapter(
         "scale": scale,
         "dtype": str(merged_dtype).removeprefix("torch."),
     }
-    _write_atomically(output, write, record, overwrite)
+    write_folder_atomically(output, _with_record(write, record), replace=overwrite)
     return output
 
 
@@ -503,19 +502,14 @@ def _merged_dtype(dtype: str | None, config_dict: dict[str, Any], base: str) -> 
     return MERGED_DTYPES[dtype]
 
 
-def _write_atomically(
-    output: Path, write: Callable[[Path], None], record: dict[str, Any], overwrite: bool
-) -> None:
-    """Write everything into a hidden folder beside `output`, then move it into place in one rename."""
+def _with_record(write: Callable[[Path], None], record: dict[str, Any]) -> Callable[[Path], None]:
+    """`write`, then `tuner_merge.json` (the record plus the library versions) into the same folder."""
     import peft
     import transformers
 
     import tuner
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.merging-", dir=output.parent))
-    replaced = staging.with_name(staging.name + "-replaced")
-    try:
+    def write_and_record(staging: Path) -> None:
         write(staging)
         versions = {
             "tuner_version": tuner.__version__,
@@ -525,17 +519,5 @@ def _write_atomically(
         (staging / MERGE_RECORD_FILE).write_text(
             json.dumps({**record, **versions}, indent=2) + "\n", encoding="utf-8"
         )
-        if output.exists() and overwrite:
-            os.replace(output, replaced)
-        try:
-            os.replace(staging, output)
-        except OSError:
-            if replaced.exists():
-                os.replace(replaced, output)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if replaced.is_dir():
-            shutil.rmtree(replaced, ignore_errors=True)
-        elif replaced.exists():
-            replaced.unlink()
+
+    return write_and_record

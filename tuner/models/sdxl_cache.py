@@ -45,11 +45,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +62,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from tuner.atomic import TEMP_SUFFIX, write_atomically
 from tuner.data.buckets import CropPlan, apply_crop
 from tuner.data.captions import CaptionedImage, transform_caption
 from tuner.data.masks import load_mask
@@ -83,7 +82,6 @@ _SHARD_BYTES = 256 * 1024 * 1024
 # another checkpoint changes them, and the cost does not grow with the tensor's size.
 _WEIGHT_SAMPLES_PER_TENSOR = 4096
 _TEXT_TENSORS = ("prompt_embeds", "pooled_prompt_embeds")
-_TEMP_SUFFIX = ".tmp"
 
 
 def model_fingerprint(name_or_path: str, components: SDXLComponents) -> str:
@@ -411,7 +409,7 @@ class ShardStore:
 
     def reload(self) -> None:
         # Under the lock no other process is writing, so temporary files are leftovers of a crash.
-        for leftover in self.folder.glob(f"*{_TEMP_SUFFIX}"):
+        for leftover in self.folder.glob(f"*{TEMP_SUFFIX}"):
             leftover.unlink(missing_ok=True)
         self._entries = {}
         index = self._read_index()
@@ -458,7 +456,7 @@ class ShardStore:
         numbers = [int(path.stem.split("-")[1]) for path in self.folder.glob("shard-*.safetensors")]
         shard = f"shard-{max(numbers, default=-1) + 1:05d}.safetensors"
         # The shard is in place before the index names it: a crash in between leaves an unused file.
-        _write_atomically(self.folder / shard, lambda path: save_file(tensors, str(path)))
+        write_atomically(self.folder / shard, lambda path: save_file(tensors, str(path)))
         self._entries.update((key, shard) for key in keys)
         index = {
             "format_version": CACHE_FORMAT_VERSION,
@@ -466,7 +464,7 @@ class ShardStore:
             "entries": self._entries,
         }
         text = json.dumps(index, indent=0, sort_keys=True)
-        _write_atomically(self.folder / _INDEX_NAME, lambda path: path.write_text(text, encoding="utf-8"))
+        write_atomically(self.folder / _INDEX_NAME, lambda path: path.write_text(text, encoding="utf-8"))
 
 
 class _ShardWriter:
@@ -490,19 +488,6 @@ class _ShardWriter:
         if self._keys:
             self._store._commit(self._tensors, self._keys)
         self._tensors, self._keys, self._bytes = {}, [], 0
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
-    os.close(descriptor)
-    try:
-        write(Path(temporary))
-        with open(temporary, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def collate_sdxl(items: list[dict]) -> dict:

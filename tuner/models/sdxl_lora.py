@@ -26,6 +26,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tuner.atomic import give_default_modes
 from tuner.errors import ConfigError, ModelError
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -157,7 +158,7 @@ def save_sdxl_lora(
     path = Path(output_dir) / weight_name
     if training_metadata:
         _add_header_metadata(path, {f"tuner.{key}": str(value) for key, value in training_metadata.items()})
-    return path
+    return give_default_modes(path)  # safetensors 0.8 writes it private (0600)
 
 
 def _add_header_metadata(path: Path, extra: dict[str, str]) -> None:

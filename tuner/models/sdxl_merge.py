@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from tuner.atomic import give_default_modes, write_atomically, write_folder_atomically
 from tuner.errors import ConfigError, ModelError
 from tuner.formats.kohya import (
     COMPONENTS,
@@ -35,6 +36,7 @@ from tuner.formats.kohya import (
     resolve_adapter_file,
 )
 from tuner.formats.safetensors_stream import SafetensorsStreamWriter
+from tuner.formats.sdxl_folder import save_sdxl_folder
 from tuner.formats.sdxl_single_file import (
     TEXT_ENCODER_2_PREFIX,
     TEXT_ENCODER_PREFIX,
@@ -205,26 +207,24 @@ def merge_sdxl_adapter(
     pipeline.unload_lora_weights()
     pipeline.to(dtype=target_dtype)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
-        if single_file:
-            target = staging / (output.name if output.suffix == ".safetensors" else SINGLE_FILE_NAME)
-            save_sdxl_single_file(
-                target,
-                pipeline.unet,
-                pipeline.vae,
-                pipeline.text_encoder,
-                pipeline.text_encoder_2,
-                metadata=SINGLE_FILE_METADATA,
-            )
-            os.replace(target if output.suffix == ".safetensors" else staging, output)
-        else:
-            pipeline.save_pretrained(staging, safe_serialization=True)
-            os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return output
+    if not single_file:
+        # The published folder layout (CLIP-L under `text_model.`), which ComfyUI reads text encoders by.
+        return write_folder_atomically(output, lambda staging: save_sdxl_folder(pipeline, staging))
+
+    def write_single_file(path: Path) -> None:
+        save_sdxl_single_file(
+            path,
+            pipeline.unet,
+            pipeline.vae,
+            pipeline.text_encoder,
+            pipeline.text_encoder_2,
+            metadata=SINGLE_FILE_METADATA,
+        )
+
+    if output.suffix == ".safetensors":
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return write_atomically(output, write_single_file)
+    return write_folder_atomically(output, lambda staging: write_single_file(staging / SINGLE_FILE_NAME))
 
 
 SINGLE_FILE_METADATA = {"modelspec.architecture": "stable-diffusion-xl-v1-base"}
@@ -306,6 +306,7 @@ def _merge_single_file_streaming(
                     writer.add(TEXT_ENCODER_PREFIX + key, value.to(target_dtype))
             for key, value in open_clip_state_dict(text_encoder_2).items():
                 writer.add(TEXT_ENCODER_2_PREFIX + key, value.to(target_dtype))
+        give_default_modes(staging)  # mkdtemp's folder is private (0700)
         if output.suffix == ".safetensors":
             os.replace(staging / target.name, output)
         else:

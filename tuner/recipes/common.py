@@ -28,13 +28,16 @@ def open_output_folder(config: RunConfig, task: str, resume: str | None) -> Path
 
 
 def resolve_base_model(config: RunConfig, task: str) -> tuple[str, str]:
-    """(where to load the base model from, the name recorded with the adapter)."""
+    """(where to load the base model from, the name recorded with the adapter: a hub ID as given, a local
+    path made absolute, so the record still names the base when read from another folder)."""
     requested = config.model.name_or_path
     tiny = resolve_tiny_alias(requested, task)
     if tiny is not None:
         return resolve_model_path(requested, task), f"tiny-{tiny}"
     hub = config.hub
-    return resolve_model_path(requested, task, hub.source, hub.offline, config.model.revision), requested
+    local = Path(requested).expanduser()
+    recorded = str(local.resolve()) if local.exists() else requested
+    return resolve_model_path(requested, task, hub.source, hub.offline, config.model.revision), recorded
 
 
 def record_run(config: RunConfig, accelerator: Accelerator, output_dir: Path) -> None:
@@ -44,3 +47,32 @@ def record_run(config: RunConfig, accelerator: Accelerator, output_dir: Path) ->
     start_trackers(
         accelerator, config.output.log_with, output_dir, config.model_dump(mode="json"), config.hub.offline
     )
+
+
+def where_the_adapter_is(output_dir: Path) -> list[str]:
+    """Which file of a finished run each client takes: printed at the end of a run, so a user does not
+    have to know that ComfyUI wants the kohya file or that vLLM wants the lines of serve.md."""
+    from safetensors import safe_open
+
+    from tuner.models.qwenvl_serve import SERVE_FILE
+    from tuner.models.sdxl_lora import ADAPTER_FILE, KOHYA_ADAPTER_FILE, is_lycoris
+
+    lines = []
+    diffusers_file = output_dir / ADAPTER_FILE
+    if diffusers_file.is_file():
+        with safe_open(str(diffusers_file), framework="pt") as handle:
+            header = handle.metadata() or {}
+        # LoKr/LoHa files hold PEFT's names, which diffusers' load_lora_weights does not read.
+        readers = (
+            "tuner infer/merge" if is_lycoris(header) else "diffusers (load_lora_weights), tuner infer/merge"
+        )
+        lines.append(f"{readers}: {diffusers_file}")
+    if (output_dir / KOHYA_ADAPTER_FILE).is_file():
+        lines.append(f"ComfyUI, A1111, Forge (their LoRA folder): {output_dir / KOHYA_ADAPTER_FILE}")
+    if (output_dir / "adapter_config.json").is_file():
+        lines.append(f"transformers + PEFT (PeftModel.from_pretrained), tuner infer/merge: {output_dir}/")
+    if (output_dir / SERVE_FILE).is_file():
+        lines.append(
+            f"vLLM: the command lines in {output_dir / SERVE_FILE} (also: tuner serve-command {output_dir})"
+        )
+    return lines

@@ -576,8 +576,11 @@ def adapter_metadata(
     from it, as the sample grids do. It is the only scheduler setting training changes.
     """
     lora = config.lora
+    from tuner.formats.kohya import base_model_hashes
+
     return {
         "base_model": base_model,
+        **base_model_hashes(base_model),  # kohya's ss_sd_model_hash / ss_new_sd_model_hash of a single file
         "prediction_type": prediction_type,
         "rank": lora.rank,
         "alpha": lora.alpha,

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tuner.atomic import write_folder_atomically
 from tuner.errors import ModelError
 
 TINY_MODELS: tuple[str, ...] = (
@@ -62,16 +61,12 @@ def build_tiny(name: str, root: Path | None = None) -> Path:
     with _lock(root / f".{folder.name}.lock"):
         if folder.is_dir():
             return folder
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))
         try:
-            builder(staging)
-            os.replace(staging, folder)
+            write_folder_atomically(folder, builder)
         except OSError:
             # Without a file lock another process may have moved its build into place first.
             if not folder.is_dir():
                 raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -12,10 +12,11 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from tuner.formats.sdxl_folder import save_sdxl_folder
 from tuner.tiny.bpe import clip_style_bpe
 
 # Bump when the saved model changes, so cached folders from an older builder are rebuilt.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 SEED = 0
 
 TEXT_ENCODER_HIDDEN = 32
@@ -120,4 +121,5 @@ def build(folder: Path) -> None:
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
     )
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    # The published SDXL layout (CLIP-L under `text_model.`), which ComfyUI's text-encoder loading reads.
+    save_sdxl_folder(pipeline, folder)

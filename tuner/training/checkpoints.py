@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from tuner.atomic import give_default_modes
 from tuner.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def resolve_resume(output_dir: Path, resume: str | Path) -> Path:
 def publish_checkpoint(temporary_dir: Path, step: int) -> Path:
     """Write the manifest into a fully written temporary folder and rename it into place."""
     write_manifest(temporary_dir, step)
+    give_default_modes(temporary_dir)  # safetensors 0.8 writes its files private (0600)
     final = temporary_dir.parent / checkpoint_name(step)
     if final.exists():
         # Left by an earlier attempt of this run that was resumed from a checkpoint before it.
