@@ -218,7 +218,12 @@ def test_encoded_video_sample_equals_the_processor_and_model_at_inference(
     conversations = load_conversations(video_data / "train.jsonl").conversations
     conversation = conversations[0]
     sample = encode_conversation(processor, conversation, video=sampling)
+    # Length grouping and the over-length check read token_length: it must be the encoded length for a
+    # video file, an image beside a frame folder and a frame list, whatever a release wraps videos in.
     assert token_length(processor, conversation, sampling) == len(sample.input_ids)
+    for other in conversations[1:]:
+        encoded = encode_conversation(processor, other, video=sampling)
+        assert token_length(processor, other, sampling) == len(encoded.input_ids), other.source
 
     # Inference: the same frames and metadata straight into the processor, positions from the model.
     plan = plan_frames(probe_video(video_data / "clip.mp4", 2.0), sampling)
@@ -272,10 +277,11 @@ def test_encoded_video_sample_equals_the_processor_and_model_at_inference(
 
 
 @pytest.mark.parametrize("family", ["qwen2-vl", "qwen3-vl"])
-def test_truncation_never_cuts_inside_a_video(family: str, tiny_model, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cut_in", ["first frame", "last frame"])
+def test_truncation_never_cuts_inside_a_video(family: str, cut_in: str, tiny_model, tmp_path: Path) -> None:
     from transformers import AutoProcessor
 
-    write_video(tmp_path / "clip.mp4")
+    write_video(tmp_path / "clip.mp4")  # 2 s: 4 frames at 2 fps, 2 temporal patches
     record = {
         "messages": [
             {"role": "user", "content": "Describe."},
@@ -290,9 +296,14 @@ def test_truncation_never_cuts_inside_a_video(family: str, tiny_model, tmp_path:
     set_pixel_bounds(processor, MIN_PIXELS, MAX_PIXELS)
     conversation = load_conversations(tmp_path / "train.jsonl").conversations[0]
     full = encode_conversation(processor, conversation)
-    start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    video_at = int((full.input_ids == start).nonzero()[0])
-    cut = encode_conversation(processor, conversation, max_length=video_at + 4, overlength="truncate")
-    assert len(cut.input_ids) == video_at
+    starts = (full.input_ids == processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")).nonzero()
+    # Qwen3-VL wraps each temporal patch in its own pair (transformers 5.25: without the template's
+    # pair around them all), so a cut inside the last one falls between frames of the video.
+    inside = int(starts[0]) + 4 if cut_in == "first frame" else int(starts[-1]) + 2
+    cut = encode_conversation(processor, conversation, max_length=inside, overlength="truncate")
+    # Everything before the video's placeholder is kept, nothing of the video (its timestamps included).
+    text = processor.apply_chat_template(conversation.messages, tokenize=False)
+    before = processor.tokenizer(text[: text.index("<|vision_start|><|video_pad|>")])["input_ids"]
+    assert cut.input_ids.tolist() == before == full.input_ids[: len(before)].tolist()
     assert cut.pixel_values_videos is None and cut.video_grid_thw is None
     assert (cut.labels != IGNORE_INDEX).any()

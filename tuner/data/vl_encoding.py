@@ -166,7 +166,10 @@ def encode_conversation(
         return sample
     if overlength == "drop":
         return None
-    return _truncated(processor, sample, max_length)
+    blocks = _media_blocks(
+        processor, input_ids, encoded["offset_mapping"][0], encoded["text_replacement_offsets"][0]
+    )
+    return _truncated(sample, blocks, max_length)
 
 
 def video_inputs(processor, videos: tuple, sampling: VideoSampling | None = None) -> dict:
@@ -268,10 +271,12 @@ def _labels(
     return torch.where(supervised, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
 
 
-def _truncated(processor, sample: EncodedSample, max_length: int) -> EncodedSample | None:
+def _truncated(
+    sample: EncodedSample, blocks: list[tuple[int, int, str]], max_length: int
+) -> EncodedSample | None:
     cut = max_length
     kept = {"image": 0, "video": 0}
-    for start, end, kind in _vision_blocks(processor, sample.input_ids):
+    for start, end, kind in blocks:
         if end < cut:
             kept[kind] += 1
         else:
@@ -303,30 +308,30 @@ def _truncated(processor, sample: EncodedSample, max_length: int) -> EncodedSamp
     )
 
 
-def _vision_blocks(processor, input_ids: torch.Tensor) -> list[tuple[int, int, str]]:
-    """`(start, end, "image" | "video")` token positions of each image's and video's outermost
-    `<|vision_start|>`...`<|vision_end|>`, in order. Qwen3-VL nests one such pair per video frame inside
-    the video's own, so pairs are matched by depth."""
+def _media_blocks(
+    processor, input_ids: torch.Tensor, offsets: list[tuple[int, int]], replacements: list[dict]
+) -> list[tuple[int, int, str]]:
+    """`(first, last, "image" | "video")` token positions of each image's and video's tokens, in order,
+    from where the processor put each placeholder's replacement (`text_replacement_offsets`), widened to
+    the `<|vision_start|>`...`<|vision_end|>` pair around it when there is one.
+
+    Read from the processor's output because the wrapping differs by release: Qwen3-VL's replacement is
+    one `<|vision_start|>`...`<|vision_end|>` pair per temporal patch, which transformers 5.23 and 5.24
+    leave inside the template's own pair and 5.25 does not (it drops the template's pair)."""
     tokenizer = processor.tokenizer
-    start_id, end_id = (
-        tokenizer.convert_tokens_to_ids(VISION_START),
-        tokenizer.convert_tokens_to_ids(VISION_END),
-    )
-    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    start_id = tokenizer.convert_tokens_to_ids(VISION_START)
+    end_id = tokenizer.convert_tokens_to_ids(VISION_END)
+    token_starts = [start for start, _ in offsets]
+    token_ends = [end for _, end in offsets]
+    ids = input_ids.tolist()
     blocks = []
-    depth = opened = 0
-    is_video = False
-    for position, token in enumerate(input_ids.tolist()):
-        if token == start_id:
-            if depth == 0:
-                opened, is_video = position, False
-            depth += 1
-        elif token == end_id and depth:
-            depth -= 1
-            if depth == 0:
-                blocks.append((opened, position, "video" if is_video else "image"))
-        elif token == video_id:
-            is_video = True
+    for replacement in replacements:
+        begin, finish = replacement["new_span"]
+        first = bisect.bisect_right(token_ends, begin)  # the first token ending after the span starts
+        last = bisect.bisect_left(token_starts, finish) - 1  # the last token starting before it ends
+        if first > 0 and last + 1 < len(ids) and ids[first - 1] == start_id and ids[last + 1] == end_id:
+            first, last = first - 1, last + 1
+        blocks.append((first, last, replacement["type"]))
     return blocks
 
 
@@ -474,23 +479,28 @@ def samples_in_batch(batch: dict) -> int:
 def token_length(processor, conversation: Conversation, video: VideoSampling | None = None) -> int:
     """The exact number of tokens `encode_conversation` produces, without decoding any image or video.
 
-    Image token counts come from the image size in the file header and the processor's own resize
-    rule (the current pixel bounds included); video token counts from the video's frame count, rate
-    and size (`video_tokens`).
+    The placeholders are expanded by the processor itself (`get_text_with_replacements`, the step its
+    `__call__` takes before tokenizing) with the replacement each image and video gets, so whatever a
+    transformers release does around them is counted as it does it (5.25 drops the template's
+    `<|vision_start|>`/`<|vision_end|>` around a Qwen3-VL video, 5.23 keeps it). Image token counts come
+    from the image size in the file header and the processor's own resize rule (the current pixel bounds
+    included); video token counts from the video's frame count, rate and size (`video_tokens`).
     """
     conversation = write_boxes(processor, conversation)
     text = processor.apply_chat_template(conversation.messages, tokenize=False)
-    length = len(processor.tokenizer(text)["input_ids"])
     image_processor = processor.image_processor
+    image_replacements = []
     for path in conversation.images:
         height, width = _upright_size(path)
         patches = image_processor.get_number_of_image_patches(height, width, {})
-        # Each image is already one <|image_pad|> in the rendered text.
-        length += patches // image_processor.merge_size**2 - 1
-    for source in conversation.videos:
-        _, expansion = video_tokens(processor, video_plan(processor, source, video))
-        length += len(processor.tokenizer(expansion, add_special_tokens=False)["input_ids"]) - 1
-    return length
+        # Only the grid's product matters to the replacement text.
+        grid = torch.tensor([[1, patches, 1]])
+        image_replacements.append(processor.replace_image_token({"image_grid_thw": grid}, 0))
+    video_replacements = [
+        video_tokens(processor, video_plan(processor, source, video))[1] for source in conversation.videos
+    ]
+    (expanded,), _ = processor.get_text_with_replacements([text], image_replacements, video_replacements)
+    return len(processor.tokenizer(expanded)["input_ids"])
 
 
 def video_plan(processor, source, video: VideoSampling | None = None):
