@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from tuner.atomic import write_folder_atomically
 
 DATASET_VERSION = 2
 # (colour name, RGB, shape, width, height): mixed aspect ratios so bucketing has work to do.
@@ -58,17 +58,13 @@ def build_tiny_dataset(kind: str, root: Path | None = None) -> Path:
     if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
-        _write_sdxl(staging) if kind == "sdxl" else _write_qwenvl(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            # Another process finished the same build first; its copy is identical.
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        # Not mkdtemp: its folder is private (0700), and the dataset would stay so after the rename.
+        write_folder_atomically(target, _write_sdxl if kind == "sdxl" else _write_qwenvl)
+    except OSError:
+        # Another process finished the same build first; its copy is identical.
+        if not target.is_dir():
+            raise
     return target
 
 
