@@ -71,6 +71,24 @@ def test_choice_accuracy():
     assert choice_accuracy("I do not know", ["B"]) == 0.0
 
 
+@pytest.mark.parametrize(
+    ("answer", "letter"),
+    [
+        ("I think the answer is B", "B"),  # the pronoun I is no option
+        ("A cat is shown, so the answer is C", "C"),  # nor is the article A
+        ("The answer is not A; the answer is (D).", "D"),  # the last answer phrase counts
+        ("the answer is a cat", None),
+        ("A cat.", None),
+        ("A. a cat", "A"),
+        ("(A) a cat", "A"),
+        ("Correct option: b", "B"),
+    ],
+)
+def test_choice_letter_of_sentences(answer, letter):
+    assert choice_letter(answer) == letter
+    assert choice_accuracy(answer, [letter or "E"]) == float(letter is not None)
+
+
 def test_parse_boxes_in_each_family_convention():
     # Qwen2-VL: corner pairs (the box special tokens may or may not have been decoded).
     assert parse_boxes("<|box_start|>(10,20),(110,220)<|box_end|>") == [(10.0, 20.0, 110.0, 220.0)]

@@ -276,3 +276,26 @@ def test_training_evaluates_videos_and_a_failing_evaluation_costs_nothing(tmp_pa
     assert (out / "adapter_model.safetensors").read_bytes() != first_adapter  # the resumed run's adapter
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval/overall" in r] == [1, 2]
+
+
+def test_video_questions_overlap_only_on_the_same_frames(tmp_path):
+    from tuner.eval.qwenvl import overlapping_samples
+
+    eval_set = load_eval_conversations(_video_eval_set(tmp_path))
+    training = tmp_path / "train"
+    write_frame_folder(training / "same", frames=4, size=48)  # the eval video's frames, renamed
+    write_frame_folder(training / "other", frames=4, size=40)
+    records = [
+        {
+            "conversations": [
+                {"from": "human", "value": "<video>Which way?"},
+                {"from": "gpt", "value": "Up."},
+            ],
+            "video": name,
+        }
+        for name in ("other", "same")
+    ]
+    (training / "train.jsonl").write_text("\n".join(json.dumps(record) for record in records))
+    assert overlapping_samples(eval_set, str(training / "train.jsonl"), None) == [eval_set[1].source]
+    (training / "train.jsonl").write_text(json.dumps(records[0]))
+    assert overlapping_samples(eval_set, str(training / "train.jsonl"), None) == []

@@ -27,6 +27,7 @@ import yaml
 
 from tuner.data.conversations import Conversation, load_conversations
 from tuner.data.prompts import Prompt, build_prompt, model_inputs, scored_answer
+from tuner.data.video import frame_files
 from tuner.data.vl_encoding import set_pixel_bounds
 from tuner.errors import ConfigError, DataError
 from tuner.eval.metrics import METRICS, metrics_for, score_answer
@@ -101,12 +102,20 @@ def produced_metrics(prompts: Iterable[Prompt]) -> set[str]:
     return {"overall"}.union(*(metrics_for(prompt.reference) for prompt in prompts))
 
 
-def sample_fingerprint(prompt: Sequence[dict], images: Sequence[Path]) -> str:
-    """A hash of a prompt's turns and the bytes of its images: equal for the same question on the same
-    pictures, whatever the files are called."""
-    digest = hashlib.sha256(json.dumps(list(prompt), sort_keys=True, ensure_ascii=False).encode())
-    for image in images:
-        digest.update(hashlib.sha256(Path(image).read_bytes()).digest())
+def sample_fingerprint(conversation: Conversation, end: int) -> str:
+    """A hash of the turns `conversation.messages[:end]` and the bytes of the images and videos they
+    show: equal for the same question on the same pictures and clips, whatever the files are called.
+    Missing files are left out (the training data is not checked here)."""
+    prompt = conversation.messages[:end]
+    digest = hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode())
+    parts = [part["type"] for message in prompt for part in message["content"]]
+    videos = conversation.videos[: parts.count("video")]
+    files = [*conversation.images[: parts.count("image")]]
+    files += [file for video in videos for file in frame_files(video) or (Path(video),)]
+    for file in files:
+        if Path(file).is_file():
+            with open(file, "rb") as handle:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
     return digest.hexdigest()
 
 
@@ -134,12 +143,11 @@ def overlapping_samples(samples: Sequence[Conversation], data: str, image_root: 
     scan = load_conversations(path, image_root, check_images=False)
     seen = set()
     for conversation in scan.conversations:
-        usable = [image for image in conversation.images if Path(image).is_file()]
         # A training record may end in several answers; any prompt prefix that ends on a user turn counts.
         for end, message in enumerate(conversation.messages):
             if message["role"] == "assistant":
-                seen.add(sample_fingerprint(conversation.messages[:end], usable))
-    return [s.source for s in samples if sample_fingerprint(s.messages[:-1], s.images) in seen]
+                seen.add(sample_fingerprint(conversation, end))
+    return [s.source for s in samples if sample_fingerprint(s, len(s.messages) - 1) in seen]
 
 
 def check_overlap(

@@ -3,8 +3,8 @@
 The pipeline, top to bottom: resolve the model -> device and Accelerator -> write the resolved config
 -> read the conversations -> load model and processor, bound image pixels -> LoRA on the chosen targets
 -> encode samples lazily, drop over-long ones -> length-grouped batches, padded or packed -> optimizer
-and schedule -> the shared training loop -> save the adapter (and its EMA twin in `ema/`) -> greedy
-answers to a few training prompts.
+and schedule -> the shared training loop, which saves the adapter (and its EMA twin in `ema/`) through
+`save_outputs` before its last evaluation -> greedy answers to a few training prompts.
 
 Loss: the model's own causal-LM cross-entropy on the labels, summed over a micro-batch's supervised
 (assistant) tokens; the loop divides it by the supervised tokens of the whole optimizer step, summed
