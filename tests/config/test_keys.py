@@ -36,6 +36,7 @@ ACTS_IN_BOTH: dict[str, str] = {
     "data.skip_bad": "admit_dataset",
     "data.max_bad_fraction": "admit_dataset",
     "data.num_workers": "TrainingJob.num_workers",
+    "data.pin_memory": "TrainingJob.pin_memory (the data loader)",
     "lora.rank": "the LoRA config",
     "lora.alpha": "the LoRA config",
     "lora.dropout": "the LoRA config",

@@ -279,3 +279,26 @@ def test_num_threads_sets_torch_cpu_threads() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_fused_adamw_probe_passes_a_working_kernel_and_says_why_not_otherwise(monkeypatch):
+    probe = npu.fused_adamw_failure.__wrapped__  # uncached: each case steps again
+    assert probe("cpu") is None  # torch's fused CPU AdamW lands where foreach does
+    assert probe("meta").startswith("RuntimeError: `fused=True` requires")
+    # A kernel that runs but updates nothing (the case torch's device list cannot rule out).
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *args, **kwargs: None)
+    assert probe("cpu").startswith("its step differs from foreach AdamW's")
+
+
+@pytest.mark.parametrize(
+    ("device_type", "asked", "pinned"),
+    [
+        ("cuda", None, True),
+        ("npu", None, False),
+        ("cpu", None, False),
+        ("npu", True, True),
+        ("cuda", False, False),
+    ],
+)
+def test_pin_memory_is_on_for_cuda_and_on_npu_only_when_asked(device_type, asked, pinned):
+    assert device.pin_memory_for(device_type, asked) is pinned

@@ -206,3 +206,19 @@ def test_settings_from_config_counts_epochs_in_optimizer_steps():
     config.output.checkpoint_every = 5
     settings = settings_from_config(config, batches_per_epoch=10)
     assert (settings.max_steps, settings.grad_accum, settings.checkpoint_every) == (7, 3, 5)
+
+
+@pytest.mark.parametrize(
+    ("device_type", "asked", "pinned"), [("npu", None, False), ("npu", True, True), ("cuda", None, True)]
+)
+def test_the_data_loader_pins_batches_on_npu_only_when_data_pin_memory_asks(
+    toy_job, device_type, asked, pinned
+):
+    from types import SimpleNamespace
+
+    from tuner.training.loop import _data_loader
+
+    # Only the device type of the accelerator is read: an NPU one is described, not needed.
+    accelerator = SimpleNamespace(device=SimpleNamespace(type=device_type))
+    loader = _data_loader(toy_job(pin_memory=asked), LoopSettings(max_steps=1), accelerator)
+    assert loader.pin_memory is pinned

@@ -107,3 +107,37 @@ def test_schedules_follow_transformers_curves_and_stay_at_zero_after_the_end(nam
     for _ in range(5):
         ours.step()
         assert ours.get_last_lr()[0] == (1.0 if name == "constant" else 0.0)
+
+
+def _npu_listed_as_fused(monkeypatch) -> None:
+    # What importing torch_npu does: its backend name joins torch's fused-capable devices.
+    from torch.utils import _foreach_utils
+
+    listed = _foreach_utils._get_fused_kernels_supported_devices()
+    monkeypatch.setattr(_foreach_utils, "_get_fused_kernels_supported_devices", lambda: [*listed, "npu"])
+
+
+def test_adamw_on_npu_is_fused_only_after_the_probe_step_worked(monkeypatch, caplog):
+    from tuner.runtime import npu
+
+    _npu_listed_as_fused(monkeypatch)
+    probed = []
+    monkeypatch.setattr(npu, "fused_adamw_failure", lambda device: probed.append(device))
+    group = build_optimizer("adamw", _params(), lr=1e-3, device_type="npu").param_groups[0]
+    assert group["fused"] and not group["foreach"] and probed == ["npu"]
+
+    failure = "RuntimeError: aclnnApplyAdamWV2 is not supported on this device"
+    monkeypatch.setattr(npu, "fused_adamw_failure", lambda device: failure)
+    with caplog.at_level("WARNING", logger="tuner.training.optim"):
+        group = build_optimizer("adamw", _params(), lr=1e-3, device_type="npu").param_groups[0]
+    assert group["foreach"] and not group["fused"]
+    assert failure in caplog.text and "foreach" in caplog.text
+
+
+def test_adamw_on_cuda_and_cpu_never_runs_the_npu_probe(monkeypatch):
+    from tuner.runtime import npu
+
+    _npu_listed_as_fused(monkeypatch)
+    monkeypatch.setattr(npu, "fused_adamw_failure", lambda device: pytest.fail("probed off the NPU"))
+    assert build_optimizer("adamw", _params(), lr=1e-3, device_type="cuda").param_groups[0]["fused"]
+    assert build_optimizer("adamw", _params(), lr=1e-3, device_type="cpu").param_groups[0]["foreach"]

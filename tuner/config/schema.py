@@ -106,6 +106,9 @@ class DataConfig(Section):
     skip_bad: bool = False
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     num_workers: int = Field(0, ge=0)
+    # Pin batches in host memory for the copy to the device; None: on CUDA, off on NPU (unmeasured there)
+    # and on the CPU (tuner.runtime.device.pin_memory_for).
+    pin_memory: bool | None = None
     # SDXL regularisation images: the caption of a class image without one, and the prior loss's weight
     # (the loss of class images, logged apart from the instance loss).
     class_prompt: str | None = None

@@ -274,6 +274,7 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
         ),
         validation_batches=validation_batches,
         num_workers=config.data.num_workers,
+        pin_memory=config.data.pin_memory,
         batch_size_of=lambda batch: batch["time_ids"].shape[0],
     )
     try:

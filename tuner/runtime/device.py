@@ -176,6 +176,18 @@ def resolve_runtime(
     return runtime
 
 
+def pin_memory_for(device_type: str, asked: bool | None) -> bool:
+    """Whether the data loader pins the host memory of batches (`data.pin_memory`; None: on CUDA only).
+
+    On CUDA pinned pages make the host-to-device copy faster. On NPU they come from torch_npu's host
+    allocator, which no run of this project has measured (unverified on hardware): opt-in there. The
+    CPU has nothing to copy to.
+    """
+    if asked is not None:
+        return asked
+    return device_type == "cuda"
+
+
 def set_cpu_threads(num_threads: int | None) -> None:
     """`runtime.num_threads`: torch's CPU threads per process (CPU training, data preparation on the CPU);
     None keeps torch's default (one per core). Several processes on one machine each take this many."""

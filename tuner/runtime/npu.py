@@ -7,6 +7,7 @@ replaced, and none of it has been run on Ascend hardware from this repository.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -108,3 +109,30 @@ def apply_npu_defaults(env: MutableMapping[str, str] = os.environ) -> dict[str, 
     torch_npu.npu.config.allow_internal_format = False
     applied["torch.npu.config.allow_internal_format"] = "False"
     return applied
+
+
+@functools.cache
+def fused_adamw_failure(device: str = "npu") -> str | None:
+    """None when torch's fused AdamW takes one step on `device` and lands where the foreach AdamW does;
+    otherwise why not. Run once per process.
+
+    torch lists its privateuse1 backend (torch_npu's `npu`) among the fused-capable devices whatever the
+    backend implements, so on NPU the list proves nothing: only a step does.
+    """
+    import torch
+
+    try:
+        results = []
+        for kernel in ({"fused": True}, {"foreach": True}):
+            weight = torch.linspace(-1.0, 1.0, 64, device=device).requires_grad_()
+            weight.grad = torch.linspace(0.5, -0.5, 64, device=device)
+            torch.optim.AdamW([weight], lr=0.1, weight_decay=0.01, **kernel).step()
+            results.append(weight.detach().cpu())
+        fused, foreach = results
+        if not torch.allclose(fused, foreach, rtol=1e-4, atol=1e-6):
+            gap = (fused - foreach).abs().max().item()
+            return f"its step differs from foreach AdamW's by up to {gap:.3g}"
+    except Exception as error:  # a missing kernel or a device error: either way, not usable
+        first_line = (str(error).splitlines() or [""])[0]
+        return f"{type(error).__name__}: {first_line}"
+    return None

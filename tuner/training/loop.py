@@ -47,7 +47,7 @@ from tuner.atomic import write_atomically
 from tuner.data.sampling import GroupedBatchSampler, SampleKey
 from tuner.distributed import describe_global_batch
 from tuner.errors import CheckpointError, DataError, TunerError
-from tuner.runtime.device import device_rng_state, restore_device_rng_state
+from tuner.runtime.device import device_rng_state, pin_memory_for, restore_device_rng_state
 from tuner.training.bad_data import DropUnreadable, SkippedLog, SkipUnreadable, UnreadableSample
 from tuner.training.checkpoints import (
     checkpoint_name,
@@ -128,6 +128,8 @@ class TrainingJob:
     # Already-collated batches; the loss runs under no_grad with the RNG seeded from settings.seed.
     validation_batches: list[Any] | None = None
     num_workers: int = 0
+    # `data.pin_memory`: pin batches in host memory; None: the device's default (`pin_memory_for`).
+    pin_memory: bool | None = None
     batch_size_of: Callable[[Any], int] | None = None  # default: length of the batch's first tensor
     # Set when loss_fn returns a batch's loss summed over items (Qwen-VL: supervised tokens); this
     # counts a batch's items, and the loop divides by the items of the whole optimizer step, over
@@ -463,7 +465,7 @@ def _data_loader(
         batch_sampler=_AnySizeBatches(job.batch_sampler),
         collate_fn=DropUnreadable(job.collate_fn),
         num_workers=job.num_workers,
-        pin_memory=accelerator.device.type != "cpu",
+        pin_memory=pin_memory_for(accelerator.device.type, job.pin_memory),
         persistent_workers=job.num_workers > 0,
         # Without a generator of its own, every new loader iterator draws a seed from the global
         # torch RNG, and a resumed run starts one more iterator than the uninterrupted run did.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,6 +14,9 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from tuner.errors import ConfigError
+from tuner.runtime import npu
+
+logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "sgd")
 SCHEDULERS = ("constant", "cosine", "linear")
@@ -139,17 +143,23 @@ def fit_schedule_on_resume(scheduler: LRScheduler, max_steps: int, extend: bool)
 
 
 def _adamw_kernel(device_type: str) -> dict[str, bool]:
-    # The fused kernel updates all parameters in one launch. torch lists the devices that have it
-    # (once torch_npu is imported, its backend name "npu" is in the list); the helper is private
-    # to torch (2.14), so fall back to foreach when it moves.
+    # The fused kernel updates all parameters in one launch. torch lists the devices that have it; the
+    # helper is private to torch (2.14), so fall back to foreach when it moves.
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
         fused_devices = set(_get_fused_kernels_supported_devices())
     except ImportError:
         fused_devices = {"cuda"}
-    if device_type in ("cuda", "npu") and device_type in fused_devices:
+    if device_type == "cuda" and "cuda" in fused_devices:
         return {"fused": True}
+    if device_type == "npu" and "npu" in fused_devices:
+        # Once torch_npu is imported its backend name is in the list whether or not torch_npu has the
+        # kernel: fused only after one real step of it worked.
+        failure = npu.fused_adamw_failure("npu")
+        if failure is None:
+            return {"fused": True}
+        logger.warning("optim.name=adamw: fused AdamW does not work on this NPU (%s); using foreach", failure)
     return {"foreach": True}
 
 

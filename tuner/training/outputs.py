@@ -101,6 +101,7 @@ SAFE_TO_CHANGE_ON_RESUME = (
     "output.save_format",
     "output.overwrite",
     "data.num_workers",
+    "data.pin_memory",
     "hub.",
 )
 
