@@ -44,6 +44,7 @@ ACTS_IN_BOTH: dict[str, str] = {
     "lora.init": "the LoRA config (default or gaussian: initialisations that keep the base weights)",
     "lora.variant": "the adapter config (dora both; lokr/loha SDXL, refused by add_lora for Qwen-VL)",
     "lora.use_rslora": "the LoRA config",
+    "lora.lr_ratio": "lora_plus_groups (the optimizer's B-matrix groups, tests/training/test_lora_plus.py)",
     "optim.name": "build_optimizer",
     "optim.lr": "build_optimizer",
     "optim.weight_decay": "build_optimizer",
@@ -194,3 +195,45 @@ def test_a_preset_section_for_one_task_applies_to_that_task_only() -> None:
     assert sdxl_data.resolution == 64 and qwenvl_data.resolution == defaults.resolution
     assert qwenvl_data.max_pixels == 12544 and sdxl_data.max_pixels == defaults.max_pixels
     assert sdxl_data.path == qwenvl_data.path == "tiny"  # the shared part
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        (["lora.text_encoder_lr=1e-5"], "lora.text_encoder_lr=1e-05 is set, but lora.text_encoder is off"),
+        (["data.prior_loss_weight=0.5"], "data.prior_loss_weight=0.5 is set, but no source holds class"),
+        (["data.keep_tags=1"], "data.keep_tags=1 is set, but data.shuffle_tags is off"),
+        (
+            ["lora.variant=dora", "output.save_format=kohya"],
+            "output.save_format=kohya with lora.variant=dora would keep only the kohya file",
+        ),
+    ],
+)
+def test_sdxl_refuses_keys_that_cannot_act_before_writing(tmp_path: Path, capsys, settings, refused) -> None:
+    from tests.cli_runner import run_cli
+
+    output = tmp_path / "run"
+    overrides = [part for setting in settings for part in ("--set", setting)]
+    command = ["train", "sdxl-lora", "--preset", "tiny-cpu", "--output", str(output), *overrides]
+    code, _, err = run_cli(capsys, *command)
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {refused}"), err
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["lora.text_encoder_lr=1e-5", "lora.text_encoder=true"],
+        ["data.keep_tags=1", "data.shuffle_tags=true"],
+        ["lora.variant=dora", "output.save_format=both"],
+        ["data.prior_loss_weight=0.5", "data.sources=[{path: class, reg: true}]"],
+    ],
+)
+def test_the_same_keys_are_taken_where_they_act(tmp_path: Path, settings: list[str]) -> None:
+    where = [f"output.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'no-data'}"]
+    config = build_config(preset="tiny-cpu", overrides=[*settings, *where], task="sdxl-lora")
+    with pytest.raises(Exception) as error:  # accepted: the run goes on to the data, which does not exist
+        sdxl.train_sdxl_lora(config)
+    assert "does not exist" in str(error.value)

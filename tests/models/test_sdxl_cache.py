@@ -64,9 +64,9 @@ class EncoderCalls:
             self.images += pixel_values.shape[0]
             return encode_latents(components, pixel_values)
 
-        def counting_prompt(components, captions, device):
+        def counting_prompt(components, captions, device, max_caption_tokens):
             self.captions.extend(captions)
-            return encode_prompt(components, captions, device)
+            return encode_prompt(components, captions, device, max_caption_tokens)
 
         monkeypatch.setattr(sdxl_cache, "encode_latents", counting_latents)
         monkeypatch.setattr(sdxl_cache, "encode_prompt", counting_prompt)

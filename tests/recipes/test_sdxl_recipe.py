@@ -338,3 +338,36 @@ def test_lora_variant_run_resumes_exactly_and_exports_to_kohya(
     assert header["modelspec.trigger_phrase"] == "sks" and header["tuner.variant"] == variant
     tags = json.loads(header["ss_tag_frequency"])
     assert tags == {"data": {**{f"a plain colour {index}": 1 for index in range(len(IMAGES))}, "flat": 6}}
+
+
+@pytest.mark.slow
+def test_lora_plus_smooth_l1_zero_terminal_snr_and_long_captions_resume_exactly(
+    caption_folder: Path, tmp_path: Path
+) -> None:
+    # Issue #27's options together: the optimizer's LoRA+ groups, the loss and the schedule are rebuilt
+    # from the config on resume and must continue the run exactly.
+    train = {"prediction_type": "v_prediction", "zero_terminal_snr": True, "loss": "smooth_l1"}
+    sections = {
+        "lora": {"lr_ratio": 16.0},
+        "data": {"max_caption_tokens": 150},
+        "output": {"sample_every": 0, "checkpoint_every": 1},
+    }
+    straight = train_sdxl_lora(
+        _config(caption_folder, tmp_path / "straight", train={**train, "max_steps": 2}, **sections)
+    )
+    split = tmp_path / "split"
+    train_sdxl_lora(_config(caption_folder, split, train={**train, "max_steps": 1}, **sections))
+    train_sdxl_lora(
+        _config(caption_folder, split, train={**train, "max_steps": 2}, **sections), resume="latest"
+    )
+    expected = load_file(straight / "pytorch_lora_weights.safetensors")
+    resumed = load_file(split / "pytorch_lora_weights.safetensors")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+    header = read_adapter_metadata(split / "pytorch_lora_weights.safetensors")
+    assert (header["tuner.loss"], header["tuner.lr_ratio"], header["tuner.zero_terminal_snr"]) == (
+        "smooth_l1",
+        "16.0",
+        "True",
+    )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
@@ -73,9 +75,17 @@ def check_command(
         str | None, typer.Option("--class-prompt", help="sdxl: caption of a --reg-data image without one.")
     ] = None,
     model: Annotated[
-        str,
-        typer.Option("--model", help="qwenvl: model whose processor counts tokens; `tiny` for the built-in."),
-    ] = "tiny",
+        str | None,
+        typer.Option(
+            "--model",
+            help="Model whose tokenizer (sdxl: caption tokens cut, none without it) or processor (qwenvl, "
+            "default `tiny`) counts tokens; `tiny` for the built-in.",
+        ),
+    ] = None,
+    max_caption_tokens: Annotated[
+        int | None,
+        typer.Option("--max-caption-tokens", help="sdxl: caption tokens trained (75, 150 or 225)."),
+    ] = None,
     max_pixels: Annotated[
         int | None, typer.Option("--max-pixels", help="qwenvl: upper bound of pixels per image.")
     ] = None,
@@ -133,6 +143,8 @@ def check_command(
             # A mask folder says masks are wanted.
             masked_loss=masked_loss or mask_dir is not None,
             mask_dir=mask_dir,
+            count_caption_tokens=_caption_token_counter(model) if model else None,
+            max_caption_tokens=_max_caption_tokens(max_caption_tokens),
         )
     else:
         _refuse_options(
@@ -146,6 +158,7 @@ def check_command(
             mask_dir=mask_dir,
             reg_data=reg_data,
             class_prompt=class_prompt,
+            max_caption_tokens=max_caption_tokens,
         )
         if len(paths) > 1:
             raise ConfigError(
@@ -156,7 +169,7 @@ def check_command(
         report = check_qwenvl_dataset(
             paths[0],
             image_root=image_root,
-            processor=_load_processor(model, min_pixels, max_pixels),
+            processor=_load_processor(model or "tiny", min_pixels, max_pixels),
             min_pixels=min_pixels,
             max_pixels=max_pixels,
             max_image_pixels=_default(max_image_pixels, data.max_image_pixels),
@@ -185,6 +198,34 @@ def _refuse_options(only_for: str, **values: Any) -> None:
     given = [f"--{name.replace('_', '-')}" for name, value in values.items() if value is not None]
     if given:
         raise typer.BadParameter(f"{', '.join(given)} only apply to {only_for} datasets")
+
+
+def _max_caption_tokens(value: int | None) -> int:
+    from tuner.config.schema import DataConfig
+
+    try:  # the schema's own check (75, 150 or 225)
+        return DataConfig(max_caption_tokens=value or DataConfig().max_caption_tokens).max_caption_tokens
+    except ValueError:
+        raise typer.BadParameter(f"--max-caption-tokens {value}: use 75, 150 or 225") from None
+
+
+def _caption_token_counter(model: str) -> Callable[[str], int]:
+    """How many tokens the SDXL model's first tokenizer makes of a caption (only the tokenizer loads)."""
+    from transformers import CLIPTokenizer
+
+    from tuner.models.sdxl import caption_token_count
+    from tuner.tiny import build_tiny, resolve_tiny_alias
+
+    tiny = resolve_tiny_alias(model, "sdxl-lora")
+    try:
+        folder = str(build_tiny(tiny)) if tiny else model
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"cannot load the tokenizer of {model} to count caption tokens: {str(error).splitlines()[0]}",
+            hint="pass a diffusers SDXL folder or reachable hub ID with --model (`tiny` works offline)",
+        ) from None
+    return functools.partial(caption_token_count, tokenizer)
 
 
 def _load_processor(model: str, min_pixels: int, max_pixels: int) -> Any:

@@ -54,6 +54,10 @@ class DataSource(Section):
     repeats: float | None = Field(None, gt=0)
     # Regularisation (prior-preservation) images: their loss is the prior loss (data.prior_loss_weight).
     reg: bool = False
+    # The trigger word(s) put before this source's captions. None: data.caption_prefix for instance images,
+    # none for class images (a class image shows the class, not the subject); set it on a class source to
+    # prefix its captions too, as kohya's sd-scripts do.
+    caption_prefix: str | None = None
 
 
 class DataConfig(Section):
@@ -117,6 +121,15 @@ class DataConfig(Section):
     # mask_dir (default: `masks/` beside the images) or the image's alpha channel.
     masked_loss: bool = False
     mask_dir: str | None = None
+    # SDXL: caption tokens trained per text encoder, kohya's --max_token_length: 75 (one CLIP window, as
+    # diffusers' pipeline), or 150/225 as 2/3 windows of 75 encoded apart and joined (docs/sdxl-data.md).
+    max_caption_tokens: Literal[75, 150, 225] = 75
+
+
+# lora.init -> PEFT's `init_lora_weights`, for both families: initialisations that leave the base weights
+# untouched, so the adapter alone reproduces the model (PiSSA, OLoRA and LoftQ rewrite the base weights,
+# which neither a diffusers LoRA file nor a Qwen-VL adapter for the unchanged base can carry).
+LORA_INIT_WEIGHTS: dict[str, bool | str] = {"default": True, "gaussian": "gaussian"}
 
 
 class LoraConfig(Section):
@@ -125,8 +138,7 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # SDXL: `attention`, `attention+ffn`, `attention+ffn+conv`. Qwen-VL: any of `llm`, `vision`, `merger`.
     targets: list[str] = Field(default_factory=list)
-    # Initialisations that leave the base weights untouched (PiSSA, OLoRA and LoftQ rewrite them, which
-    # neither a diffusers LoRA file nor a Qwen-VL adapter for the unchanged base can carry).
+    # The keys of LORA_INIT_WEIGHTS.
     init: Literal["default", "gaussian"] = "default"
     # `lora`; `dora` (weight-decomposed LoRA, PEFT's use_dora: a learned magnitude per output channel on
     # top of the LoRA direction; costs step time, see docs/benchmarks.md); SDXL also `lokr` (Kronecker
@@ -134,8 +146,11 @@ class LoraConfig(Section):
     variant: Literal["lora", "dora", "lokr", "loha"] = "lora"
     # SDXL: also adapt both text encoders (turns embedding caching off).
     text_encoder: bool = False
-    text_encoder_lr: float | None = None
+    text_encoder_lr: float | None = Field(None, gt=0)
     use_rslora: bool = False
+    # LoRA+ (both families): the B (up) matrices learn at this multiple of their group's lr (16 in the
+    # paper; kohya's loraplus_lr_ratio). None: one lr for A and B.
+    lr_ratio: float | None = Field(None, gt=0)
     # Qwen-VL: learning rates of the vision-tower and merger LoRA weights (default: optim.lr).
     lr_vision: float | None = Field(None, gt=0)
     lr_merger: float | None = Field(None, gt=0)
@@ -172,6 +187,14 @@ class TrainConfig(Section):
     pyramid_noise_discount: float = 0.0
     timestep_min: int = Field(0, ge=0)
     timestep_max: int = Field(1000, ge=1)
+    # SDXL: betas rescaled to zero terminal SNR (kohya's --zero_terminal_snr; needs v_prediction). `auto`
+    # takes the model's scheduler config, or a single-file checkpoint's `ztsnr` marker key.
+    zero_terminal_snr: Literal["auto", True, False] = "auto"
+    # SDXL: `mse`, or kohya's pseudo-Huber `huber` / `smooth_l1`, whose delta is huber_c on huber_schedule
+    # (`constant`, `exponential` from 1 down to huber_c, `snr`); see docs/sdxl-training.md.
+    loss: Literal["mse", "huber", "smooth_l1"] = "mse"
+    huber_c: float = Field(0.1, gt=0, le=1)
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"
     ema_decay: float | None = Field(None, gt=0, lt=1)
     max_nonfinite: int = Field(5, ge=1)
 

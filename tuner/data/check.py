@@ -9,24 +9,20 @@ dirty data, so a problem reads the same in both places.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import statistics
-import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-from PIL import Image
 
 from tuner.config.schema import DataSource
 from tuner.data.buckets import bucket_histogram, nearest_bucket, sdxl_buckets
 from tuner.data.captions import DatasetRow, scan_caption_dataset
 from tuner.data.conversations import Conversation, load_conversations
-from tuner.data.images import DEFAULT_MAX_PIXELS, inspect_image
+from tuner.data.images import DEFAULT_MAX_PIXELS, inspect_image, upright_size
 from tuner.data.masks import find_masks
 from tuner.data.mixing import (
     balance_regularisation,
@@ -52,7 +48,8 @@ SDXL_MIN_SIZE = 64
 QWENVL_MIN_SIZE = 28
 # transformers' Qwen-VL `smart_resize` (5.23) raises for an aspect ratio above 200.
 QWENVL_MAX_ASPECT = 200
-_EXIF_ORIENTATION = 0x0112
+# The most caption tokens SDXL trains (data.max_caption_tokens: three CLIP windows, as kohya's).
+MAX_CAPTION_TOKENS = 225
 _STAT_LABELS = {
     "width": "image width (px)",
     "height": "image height (px)",
@@ -162,6 +159,8 @@ def check_sdxl_dataset(
     repeats: float | None = None,
     more_sources: Sequence[DataSource] = (),
     class_prompt: str | None = None,
+    count_caption_tokens: Callable[[str], int] | None = None,
+    max_caption_tokens: int = 75,
 ) -> DataReport:
     """Check a captioned-image dataset (any layout `scan_caption_dataset` reads), decoding every image.
 
@@ -173,7 +172,10 @@ def check_sdxl_dataset(
 
     With `masked_loss`, also find every image's loss mask (`tuner.data.masks.find_masks`): mask problems
     (size mismatch, all black, unreadable) join the problems, and `stats["masks"]` counts the images
-    with a mask file, an alpha-channel mask and none."""
+    with a mask file, an alpha-channel mask and none.
+
+    With `count_caption_tokens` (the model's tokenizer, `caption_token_count`), `stats["caption_tokens"]`
+    says how many captions training cuts at `max_caption_tokens` (`caption_cuts`)."""
     buckets = sdxl_buckets(resolution, bucket_step)
     sources = [DataSource(path=str(path), repeats=repeats), *more_sources]
     scans = [
@@ -210,7 +212,7 @@ def check_sdxl_dataset(
         counts = masks.counts
         mask_stats = {"masks_from_files": counts.files, "masks_from_alpha": counts.alpha}
         mask_stats["images_without_mask"] = counts.none
-    sizes = [_upright_size(_encoded(sample.image)) for sample in samples]
+    sizes = [upright_size(_encoded(sample.image)) for sample in samples]
     stats: dict = {
         "layout": scan.layout,
         **_image_stats(sizes),
@@ -221,9 +223,13 @@ def check_sdxl_dataset(
         "captions_from_folder_names": filled["folder name"] or None,
         "captions_from_class_prompt": filled["class prompt"] or None,
     }
+    if count_caption_tokens is not None:
+        stats["caption_tokens"] = caption_cuts(
+            [sample.caption for sample in samples], count_caption_tokens, max_caption_tokens
+        ).line()
     # Bucket per image of every portion (also the ones a mask problem leaves out: the mix is the plan).
     image_buckets = [
-        nearest_bucket(*_upright_size(_encoded(sample.image)), buckets)
+        nearest_bucket(*upright_size(_encoded(sample.image)), buckets)
         for portion in portions
         for sample in portion.samples
     ]
@@ -241,6 +247,35 @@ def check_sdxl_dataset(
         _in_file_order(warnings),
         mix=[] if plain else mix,
     )
+
+
+@dataclass(frozen=True)
+class CaptionCuts:
+    """How many captions are longer than the tokens training encodes (the rest of each is cut off)."""
+
+    captions: int
+    cut: int
+    longest: int
+    max_caption_tokens: int
+
+    def line(self) -> str:
+        said = (
+            f"{self.cut} of {self.captions} captions are longer than {self.max_caption_tokens} tokens "
+            f"(longest {self.longest}) and are cut there"
+        )
+        if self.cut and self.max_caption_tokens < MAX_CAPTION_TOKENS:
+            said += f"; data.max_caption_tokens={MAX_CAPTION_TOKENS} trains up to {MAX_CAPTION_TOKENS}"
+        return said
+
+
+def caption_cuts(
+    captions: Sequence[str], count_tokens: Callable[[str], int], max_caption_tokens: int
+) -> CaptionCuts:
+    """Count the captions over `max_caption_tokens` (`data.max_caption_tokens`), tokens counted by
+    `count_tokens` without BOS/EOS; every distinct caption is tokenized once."""
+    lengths = {caption: count_tokens(caption) for caption in set(captions)}
+    cut = sum(lengths[caption] > max_caption_tokens for caption in captions)
+    return CaptionCuts(len(captions), cut, max(lengths.values(), default=0), max_caption_tokens)
 
 
 def check_qwenvl_dataset(
@@ -424,7 +459,7 @@ def _inspect(image: Path, max_pixels: int, min_side: int) -> _ImageFacts | Probl
     problem = inspect_image(image, max_pixels=max_pixels, min_side=min_side)
     if problem is not None:
         return problem
-    width, height = _upright_size(image)
+    width, height = upright_size(image)
     if max(width, height) / min(width, height) > QWENVL_MAX_ASPECT:
         return Problem(
             str(image),
@@ -437,21 +472,6 @@ def _inspect(image: Path, max_pixels: int, min_side: int) -> _ImageFacts | Probl
 
 def _encoded(image: Path | DatasetRow) -> Path | bytes:
     return image if isinstance(image, Path) else image.read()
-
-
-def _upright_size(image: Path | bytes) -> tuple[int, int]:
-    """(width, height) as training sees the image, read from the header without decoding the pixels."""
-    with (
-        warnings.catch_warnings(),
-        Image.open(image if isinstance(image, Path) else io.BytesIO(image)) as opened,
-    ):
-        # The image already passed our own pixel limit; Pillow's warning-level bomb check adds nothing.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        width, height = opened.size
-        # EXIF orientations 5-8 turn the picture by 90 degrees, and training loads it upright.
-        if opened.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
-            return height, width
-    return width, height
 
 
 def _counts(problems: Iterable[Problem]) -> dict[str, int]:

@@ -26,7 +26,7 @@ from tuner.models.sdxl_infer import (
     generate,
     load_adapters,
     resolve_sdxl_model,
-    trained_prediction_type,
+    trained_scheduler,
 )
 from tuner.models.sdxl_sampling import build_pipeline
 from tuner.runtime.device import Runtime
@@ -132,7 +132,9 @@ def evaluate_sdxl(
         if model is None:
             raise ConfigError("no model given and no adapter records one", hint="pass --model (or tiny)")
     components = load_sdxl(resolve_sdxl_model(model, source, offline), weight_dtype=runtime.compute_dtype)
-    pipeline = build_pipeline(components, trained_prediction_type(list(adapters))).to(runtime.device_type)
+    # The base model's own scheduler; each adapter's column samples with the one it was trained for.
+    pipeline = build_pipeline(components).to(runtime.device_type)
+    schedulers = [pipeline.scheduler, *(trained_scheduler(components, [adapter]) for adapter in adapters)]
     names = load_adapters(pipeline, list(adapters))
     columns = ["base", *(_adapter_label(adapter, adapters) for adapter in adapters)]
     out = Path(out)
@@ -144,6 +146,7 @@ def evaluate_sdxl(
         drawn = []
         for column in range(len(columns)):
             _activate(pipeline, names, adapters, column - 1)
+            pipeline.scheduler = schedulers[column]
             images = generate(pipeline, components, _generation(settings, prompt, model))
             scores = clip(images, prompt) if clip is not None else [None] * len(images)
             drawn.append(images)

@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 from tuner.atomic import give_default_modes, write_atomically
 from tuner.config.load import RESOLVED_CONFIG_NAME
-from tuner.errors import ModelError, TunerError
+from tuner.errors import ConfigError, ModelError, TunerError
 from tuner.formats.sdxl_unet_layout import UNetLayout
 
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -127,6 +127,19 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def is_kohya(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in state_dict)
+
+
+def refuse_kohya_only_dora(save_format: str, variant: str) -> None:
+    """Refuse, before training, a DoRA run that would keep only the kohya file: diffusers (0.42) drops its
+    `dora_scale` and loads it as plain LoRA (other images than the adapter trained for), so `tuner infer`,
+    `tuner eval` and diffusers users need the diffusers file beside it."""
+    if save_format == "kohya" and variant == "dora":
+        raise ConfigError(
+            "output.save_format=kohya with lora.variant=dora would keep only the kohya file, which diffusers "
+            "(and so tuner infer/eval) loads as plain LoRA: it drops dora_scale",
+            hint="use output.save_format=both (the kohya file for ComfyUI/A1111/Forge, the diffusers file "
+            "for diffusers and tuner), or diffusers",
+        )
 
 
 def is_dora(adapter_file: Path) -> bool:
@@ -335,7 +348,12 @@ _RECORD_TO_KOHYA = {
     "tag_frequency": ("ss_tag_frequency",),
     "caption_prefix": ("modelspec.trigger_phrase",),
     "masked_loss": ("ss_masked_loss",),
+    "zero_terminal_snr": ("ss_zero_terminal_snr",),
+    "huber_c": ("ss_huber_c",),
+    "huber_schedule": ("ss_huber_schedule",),
 }
+# kohya names the squared error `l2`.
+_KOHYA_LOSS_TYPES = {"mse": "l2", "huber": "huber", "smooth_l1": "smooth_l1"}
 
 
 def base_model_hashes(base_model: str) -> dict[str, str]:
@@ -372,6 +390,12 @@ def _kohya_header(metadata: Mapping[str, str], dim: int, alpha: float, title: st
         side = metadata["tuner.resolution"]
         header["ss_resolution"] = f"({side}, {side})"
         header["modelspec.resolution"] = f"{side}x{side}"
+    if metadata.get("tuner.loss"):
+        header["ss_loss_type"] = _KOHYA_LOSS_TYPES[metadata["tuner.loss"]]
+    if metadata.get("tuner.max_caption_tokens"):
+        # kohya records None for one 75-token window (its --max_token_length unset).
+        tokens = metadata["tuner.max_caption_tokens"]
+        header["ss_max_token_length"] = "None" if tokens == "75" else tokens
     if metadata.get("tuner.prediction_type") == "v_prediction":
         # How kohya's sd-scripts mark a v-prediction LoRA, so kohya-based tools sample it right.
         header["ss_v_parameterization"] = "True"

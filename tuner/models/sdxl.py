@@ -12,11 +12,20 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from tuner.errors import ModelError
 
 _COMPONENT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# Empty tensors some single-file checkpoints carry beside the weights to say how they were trained, read
+# as ComfyUI reads them (comfy/supported_models.py, SDXL.model_type): `v_pred` marks v-prediction (NoobAI-XL
+# V-Pred and other anime fine-tunes), `ztsnr` beside it a zero-terminal-SNR noise schedule. diffusers'
+# from_single_file (0.42) ignores both and would hand over SDXL base's epsilon scheduler.
+V_PREDICTION_MARKER = "v_pred"
+ZERO_TERMINAL_SNR_MARKER = "ztsnr"
+# Caption tokens in one CLIP window (77 with BOS and EOS): what diffusers' pipeline encodes.
+WINDOW_TOKENS = 75
 
 
 @dataclass
@@ -33,6 +42,9 @@ class SDXLComponents:
     # Training always noises with DDPM's forward process, whatever scheduler the model samples with.
     noise_scheduler: DDPMScheduler
     source: str
+    # The marker keys of a single-file checkpoint (`v_pred`, `ztsnr`), already applied to noise_scheduler;
+    # kept so a run can say why it trains the prediction type and schedule it does.
+    schedule_markers: frozenset[str] = frozenset()
 
 
 def load_sdxl(
@@ -146,6 +158,7 @@ def _load_single_file(
             hint="a single-file checkpoint needs a diffusers SDXL folder or hub ID for its layout "
             "(stabilityai/stable-diffusion-xl-base-1.0 or a local copy); offline, pass a local folder",
         ) from error
+    markers = read_schedule_markers(checkpoint)
     return SDXLComponents(
         unet=pipeline.unet,
         vae=pipeline.vae,
@@ -153,13 +166,39 @@ def _load_single_file(
         text_encoder_2=pipeline.text_encoder_2,
         tokenizer=pipeline.tokenizer,
         tokenizer_2=pipeline.tokenizer_2,
-        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config, **marked_schedule(markers)),
         source=checkpoint,
+        schedule_markers=markers,
     )
 
 
+def read_schedule_markers(checkpoint: str) -> frozenset[str]:
+    """The marker keys (`v_pred`, `ztsnr`) at the top level of a single-file `.safetensors` checkpoint.
+
+    Only the key names are read. A `.ckpt` (pickle) file is not opened a second time for them.
+    """
+    if not checkpoint.endswith(".safetensors"):
+        return frozenset()
+    with safe_open(checkpoint, framework="pt") as handle:
+        keys = set(handle.keys())
+    return frozenset(keys & {V_PREDICTION_MARKER, ZERO_TERMINAL_SNR_MARKER})
+
+
+def marked_schedule(markers: frozenset[str]) -> dict[str, object]:
+    """The scheduler settings the markers stand for. `ztsnr` counts only beside `v_pred`, as in ComfyUI."""
+    if V_PREDICTION_MARKER not in markers:
+        return {}
+    settings: dict[str, object] = {"prediction_type": "v_prediction"}
+    if ZERO_TERMINAL_SNR_MARKER in markers:
+        settings["rescale_betas_zero_snr"] = True
+    return settings
+
+
 def encode_prompt(
-    components: SDXLComponents, captions: list[str], device: torch.device | str
+    components: SDXLComponents,
+    captions: list[str],
+    device: torch.device | str,
+    max_caption_tokens: int = WINDOW_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds (B, 77, hidden_1 + hidden_2), pooled_prompt_embeds (B, projection_dim)).
 
@@ -169,6 +208,12 @@ def encode_prompt(
     scripts do; the all-zeros embedding the pipeline uses for an empty *negative* prompt is a sampling
     choice, not what the model was trained to treat as "no caption". Gradients flow when the encoders
     have trainable (LoRA) weights; callers wrap this in `torch.no_grad()` otherwise.
+
+    `max_caption_tokens` 150 or 225 (`data.max_caption_tokens`, kohya's `--max_token_length`) encodes
+    the caption's tokens in windows of 75 (`caption_windows`), each through the encoders alone, and
+    joins them as kohya does: the first window's BOS, every window's 75 tokens, the last window's final
+    token, so prompt_embeds is (B, 2 + max_caption_tokens, ...). The pooled embedding is the first
+    window's (its EOS token's projected state), as in kohya's sd-scripts.
     """
     hidden_states = []
     pooled = None
@@ -176,19 +221,65 @@ def encode_prompt(
         (components.tokenizer, components.text_encoder),
         (components.tokenizer_2, components.text_encoder_2),
     ):
-        token_ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        output = text_encoder(token_ids.to(device), output_hidden_states=True)
-        hidden_states.append(output.hidden_states[-2])
-        # CLIPTextModelWithProjection's first output is the projected pooled embedding.
-        pooled = output[0]
+        if max_caption_tokens == WINDOW_TOKENS:
+            token_ids = tokenizer(
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            output = text_encoder(token_ids.to(device), output_hidden_states=True)
+            hidden_states.append(output.hidden_states[-2])
+            # CLIPTextModelWithProjection's first output is the projected pooled embedding.
+            pooled = output[0]
+            continue
+        windows = caption_windows(tokenizer, captions, max_caption_tokens)
+        batch, count, length = windows.shape
+        output = text_encoder(windows.reshape(batch * count, length).to(device), output_hidden_states=True)
+        per_window = output.hidden_states[-2].reshape(batch, count, length, -1)
+        hidden_states.append(
+            torch.cat(
+                [per_window[:, 0, :1], per_window[:, :, 1:-1].flatten(1, 2), per_window[:, -1, -1:]], dim=1
+            )
+        )
+        pooled = output[0].reshape(batch, count, -1)[:, 0]
     prompt_embeds = torch.cat(hidden_states, dim=-1).to(dtype=components.text_encoder_2.dtype)
     return prompt_embeds, pooled
+
+
+def caption_windows(tokenizer: CLIPTokenizer, captions: list[str], max_caption_tokens: int) -> torch.Tensor:
+    """(B, max_caption_tokens / 75, 77) token ids: each caption's first `max_caption_tokens` tokens, 75 per
+    window, each window framed by BOS and a last token, as kohya's sd-scripts frames them.
+
+    The caption is tokenized to 2 + max_caption_tokens ids (BOS, text, EOS, padding), then cut. The first
+    tokenizer pads with EOS, so a window's last token is EOS wherever it is cut. The second pads with
+    `!`: a window whose text runs to its end is closed with EOS, and a window past the caption's end
+    starts with EOS (BOS EOS ! ! ...), so it reads as an empty caption rather than a run of padding.
+    """
+    body = tokenizer.model_max_length - 2
+    token_ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=max_caption_tokens + 2,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    windows = []
+    for start in range(1, max_caption_tokens + 1, body):
+        window = torch.cat([token_ids[:, :1], token_ids[:, start : start + body], token_ids[:, -1:]], dim=1)
+        if pad != eos:
+            window[(window[:, -2] != eos) & (window[:, -2] != pad), -1] = eos
+            window[window[:, 1] == pad, 1] = eos
+        windows.append(window)
+    return torch.stack(windows, dim=1)
+
+
+def caption_token_count(tokenizer: CLIPTokenizer, caption: str) -> int:
+    """How many tokens a caption is, without BOS and EOS: more than `data.max_caption_tokens` are cut."""
+    # verbose=False: a caption longer than the window is what is being measured, not a mistake to warn of.
+    return len(tokenizer(caption, truncation=False, verbose=False).input_ids) - 2
 
 
 def compute_time_ids(

@@ -64,11 +64,17 @@ from tqdm.auto import tqdm
 
 from tuner.atomic import TEMP_SUFFIX, write_atomically
 from tuner.data.buckets import CropPlan, apply_crop
-from tuner.data.captions import CaptionedImage, transform_caption
+from tuner.data.captions import CaptionedImage, caption_prefix_of, transform_caption
 from tuner.data.masks import load_mask
 from tuner.data.sampling import epoch_of
 from tuner.errors import DataError
-from tuner.models.sdxl import SDXLComponents, compute_time_ids, encode_latents, encode_prompt
+from tuner.models.sdxl import (
+    WINDOW_TOKENS,
+    SDXLComponents,
+    compute_time_ids,
+    encode_latents,
+    encode_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -162,14 +168,17 @@ def build_sdxl_dataset(
     accelerator: Any = None,
     batch_size: int = 4,
     masked_loss: bool = False,
+    max_caption_tokens: int = WINDOW_TOKENS,
 ) -> SDXLDataset:
     """The training dataset for `samples` cropped by `plans` (one plan per sample).
 
-    `caption_options` holds `prefix`, `shuffle_tags`, `keep_tags` and `dropout` (missing keys: off).
+    `caption_options` holds `prefix` (the run's trigger word, for samples without a prefix of their own:
+    `caption_prefix_of`), `shuffle_tags`, `keep_tags` and `dropout` (missing keys: off).
     With `cache=True` every entry not yet cached is encoded before this returns, on the device the
     encoders are on (inputs go to `device`); see the module docstring for what items hold. The dataset
     keeps no reference to `components`, so the recipe can free the encoders it no longer needs.
     With `masked_loss`, items also hold `mask` ((1, h, w) at latent resolution; see `latent_mask`).
+    Captions are encoded to `max_caption_tokens` (`encode_prompt`), which keys their text entries.
     """
     if len(samples) != len(plans):
         raise ValueError(f"{len(samples)} samples but {len(plans)} crop plans")
@@ -193,11 +202,9 @@ def build_sdxl_dataset(
         _latent_keys(item, flips, settings.background, model_fingerprint, masked_loss) for item in items
     ]
     text_per_step = bool(caption_options.get("shuffle_tags")) or caption_options.get("dropout", 0.0) > 0
-    prefix = caption_options.get("prefix", "")
-    cache_captions = (
-        [] if text_per_step else [_caption_at_cache_time(i.sample.caption, prefix) for i in items]
-    )
-    text_keys = [_text_key(caption, model_fingerprint) for caption in cache_captions]
+    trigger = caption_options.get("prefix", "")
+    cache_captions = [] if text_per_step else [_caption_at_cache_time(i.sample, trigger) for i in items]
+    text_keys = [_text_key(caption, model_fingerprint, max_caption_tokens) for caption in cache_captions]
 
     # The main process encodes first; the others then find every entry cached and only read.
     in_order = accelerator.main_process_first() if accelerator is not None else nullcontext()
@@ -215,7 +222,9 @@ def build_sdxl_dataset(
         show_progress = accelerator is None or accelerator.is_main_process
         with store.writer() as writer:
             _cache_latents(writer, components, missing_latents, settings, device, batch_size, show_progress)
-            _cache_text(writer, components, missing_captions, device, batch_size, show_progress)
+            _cache_text(
+                writer, components, missing_captions, device, batch_size, show_progress, max_caption_tokens
+            )
     cached = [
         _CachedRefs(
             latents={flip: store.location(key) for flip, key in keys.items()},
@@ -230,9 +239,9 @@ def _time_ids(plan: CropPlan) -> torch.Tensor:
     return compute_time_ids(plan.original_size, plan.crop_top_left, plan.target_size)
 
 
-def _caption_at_cache_time(caption: str, prefix: str) -> str:
+def _caption_at_cache_time(sample: CaptionedImage, trigger: str) -> str:
     # Only the prefix applies: the rng is never drawn from without shuffling or dropout.
-    return transform_caption(caption, prefix=prefix, rng=random.Random(0))
+    return transform_caption(sample.caption, prefix=caption_prefix_of(sample, trigger), rng=random.Random(0))
 
 
 def _latent_keys(
@@ -259,8 +268,10 @@ def _latent_keys(
     }
 
 
-def _text_key(caption: str, fingerprint: str) -> str:
-    return _entry_key(kind="text", model=fingerprint, caption=caption)
+def _text_key(caption: str, fingerprint: str, max_caption_tokens: int) -> str:
+    # One window keeps the key it had before long captions existed, so existing caches stay valid.
+    tokens = {} if max_caption_tokens == WINDOW_TOKENS else {"max_caption_tokens": max_caption_tokens}
+    return _entry_key(kind="text", model=fingerprint, caption=caption, **tokens)
 
 
 def _entry_key(**inputs: Any) -> str:
@@ -350,12 +361,14 @@ def _cache_text(
     device: torch.device,
     batch_size: int,
     show_progress: bool,
+    max_caption_tokens: int,
 ) -> None:
     jobs = list(missing.items())
     with tqdm(total=len(jobs), desc="caching captions", unit="caption", disable=not show_progress) as bar:
         for batch in _chunks(jobs, batch_size):
             with torch.no_grad():
-                prompt_embeds, pooled = encode_prompt(components, [caption for _, caption in batch], device)
+                captions = [caption for _, caption in batch]
+                prompt_embeds, pooled = encode_prompt(components, captions, device, max_caption_tokens)
             for (key, _), embeds, pooled_embeds in zip(batch, prompt_embeds, pooled, strict=True):
                 writer.add(key, {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled_embeds})
             bar.update(len(batch))
@@ -566,7 +579,7 @@ class SDXLDataset(torch.utils.data.Dataset):
             options = settings.caption_options
             result["caption"] = transform_caption(
                 item.sample.caption,
-                prefix=options.get("prefix", ""),
+                prefix=caption_prefix_of(item.sample, options.get("prefix", "")),
                 shuffle_tags=bool(options.get("shuffle_tags", False)),
                 keep_tags=int(options.get("keep_tags", 0)),
                 dropout=float(options.get("dropout", 0.0)),

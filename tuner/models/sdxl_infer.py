@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import SchedulerMixin, StableDiffusionXLPipeline
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
@@ -102,20 +102,47 @@ def trained_prediction_type(adapters: list[Adapter]) -> str | None:
     tuner writes `tuner.prediction_type` (its kohya copies carry it too); kohya's own files say
     `ss_v_parameterization`. Adapters trained for different targets cannot share one scheduler.
     """
-    found: dict[str, Path] = {}
+
+    def recorded(header: dict[str, str]) -> str | None:
+        if header.get("tuner.prediction_type") is None and header.get("ss_v_parameterization") == "True":
+            return "v_prediction"
+        return header.get("tuner.prediction_type")
+
+    return _agreed(adapters, recorded, "prediction types", "train.prediction_type")
+
+
+def trained_zero_terminal_snr(adapters: list[Adapter]) -> bool | None:
+    """Whether the adapters were trained on a zero-terminal-SNR schedule (`tuner.zero_terminal_snr`, or
+    kohya's `ss_zero_terminal_snr`); None when none records it (the base model's scheduler decides)."""
+
+    def recorded(header: dict[str, str]) -> bool | None:
+        value = header.get("tuner.zero_terminal_snr", header.get("ss_zero_terminal_snr"))
+        return None if value is None else value == "True"
+
+    return _agreed(adapters, recorded, "noise schedules", "train.zero_terminal_snr")
+
+
+def trained_scheduler(components: SDXLComponents, adapters: list[Adapter]) -> SchedulerMixin:
+    """The sampler for the UNet with `adapters` on: what they were trained to predict, on the noise
+    schedule they were trained on (the base model's where they record neither)."""
+    return build_pipeline(
+        components, trained_prediction_type(adapters), trained_zero_terminal_snr(adapters)
+    ).scheduler
+
+
+def _agreed(adapters: list[Adapter], recorded, what: str, key: str):
+    found: dict[object, Path] = {}
     for adapter in adapters:
         file = resolve_adapter_file(adapter.path)
         _, header = read_safetensors(file)
-        recorded = header.get("tuner.prediction_type")
-        if recorded is None and header.get("ss_v_parameterization") == "True":
-            recorded = "v_prediction"
-        if recorded is not None:
-            found.setdefault(recorded, file)
+        value = recorded(header)
+        if value is not None:
+            found.setdefault(value, file)
     if len(found) > 1:
-        listed = ", ".join(f"{file} ({kind})" for kind, file in found.items())
+        listed = ", ".join(f"{file} ({value})" for value, file in found.items())
         raise ConfigError(
-            f"the adapters were trained for different prediction types: {listed}",
-            hint="stack only adapters trained with the same train.prediction_type",
+            f"the adapters were trained for different {what}: {listed}",
+            hint=f"stack only adapters trained with the same {key}",
         )
     return next(iter(found), None)
 
@@ -203,16 +230,18 @@ def infer_sdxl(
     components = load_sdxl(
         resolve_sdxl_model(settings.model, source, offline), weight_dtype=runtime.compute_dtype
     )
-    pipeline = build_pipeline(components, trained_prediction_type(settings.adapters)).to(runtime.device_type)
-    names = load_adapters(pipeline, settings.adapters)
+    pipeline = build_pipeline(components).to(runtime.device_type)
+    base_scheduler = pipeline.scheduler
+    pipeline.scheduler = trained_scheduler(components, settings.adapters)
+    load_adapters(pipeline, settings.adapters)
     images = generate(pipeline, components, settings)
     seeds = [settings.seed + offset for offset in range(settings.num_images)]
     written = write_images(images, seeds, settings, Path(out))
     if compare:
+        # The base model as it is used without the adapters: its own prediction type and schedule.
         pipeline.disable_lora()
+        pipeline.scheduler = base_scheduler
         base_images = generate(pipeline, components, settings)
-        pipeline.enable_lora()
-        pipeline.set_adapters(names, adapter_weights=[adapter.scale for adapter in settings.adapters])
         grid = labelled_grid([("base", base_images), ("with adapter", images)])
         compare_path = _folder_of(Path(out)) / "compare.png"
         grid.save(compare_path, pnginfo=png_text(settings, settings.seed))

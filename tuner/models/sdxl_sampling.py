@@ -21,15 +21,24 @@ from tuner.models.sdxl import SDXLComponents
 
 
 def build_pipeline(
-    components: SDXLComponents, prediction_type: str | None = None
+    components: SDXLComponents, prediction_type: str | None = None, zero_terminal_snr: bool | None = None
 ) -> StableDiffusionXLPipeline:
     """A pipeline around loaded components, sampling with Euler as SDXL base ships.
 
     `prediction_type` is what the UNet was trained to predict (`train.prediction_type`, recorded in the
-    adapter as `tuner.prediction_type`); None keeps the model scheduler's. The scheduler turns the UNet's
-    output into the next latents, so it must read that output as what the UNet was trained to predict.
+    adapter as `tuner.prediction_type`), `zero_terminal_snr` whether on rescaled betas
+    (`tuner.zero_terminal_snr`); None keeps the model scheduler's. The scheduler turns the UNet's output
+    into the next latents, so it must read that output as what the UNet was trained to predict, on the
+    schedule it was trained on.
     """
-    overrides = {"prediction_type": prediction_type} if prediction_type else {}
+    overrides: dict[str, object] = {"prediction_type": prediction_type} if prediction_type else {}
+    if zero_terminal_snr is not None:
+        overrides["rescale_betas_zero_snr"] = zero_terminal_snr
+    scheduler = EulerDiscreteScheduler.from_config(components.noise_scheduler.config, **overrides)
+    if scheduler.config.rescale_betas_zero_snr:
+        # Sampling must start at the last timestep, whose input is pure noise on this schedule; SDXL's
+        # `leading` spacing starts below it (Lin et al. 2024, section 3.3; diffusers' scheduler docs).
+        scheduler = EulerDiscreteScheduler.from_config(scheduler.config, timestep_spacing="trailing")
     pipeline = StableDiffusionXLPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
@@ -37,7 +46,7 @@ def build_pipeline(
         tokenizer=components.tokenizer,
         tokenizer_2=components.tokenizer_2,
         unet=components.unet,
-        scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config, **overrides),
+        scheduler=scheduler,
         add_watermarker=False,
     )
     pipeline.set_progress_bar_config(disable=True)

@@ -78,7 +78,7 @@ from tuner.tiny.datasets import resolve_tiny_dataset
 from tuner.training.bad_data import admit_dataset
 from tuner.training.ema import parameters_replaced
 from tuner.training.loop import TrainingJob, run_training, settings_from_config
-from tuner.training.optim import build_lr_scheduler, build_optimizer
+from tuner.training.optim import build_lr_scheduler, build_optimizer, lora_plus_groups
 from tuner.training.trackers import finish_trackers, log_sample_answers
 
 TASK = "qwenvl-lora"
@@ -124,6 +124,11 @@ UNUSED_KEYS = (
     "train.pyramid_noise_discount",
     "train.timestep_min",
     "train.timestep_max",
+    "train.zero_terminal_snr",
+    "train.loss",
+    "train.huber_c",
+    "train.huber_schedule",
+    "data.max_caption_tokens",
     "output.sample_prompts",
     "output.sample_steps",
     "runtime.compile",
@@ -252,7 +257,12 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
 
     settings = settings_from_config(config, len(batch_sampler), accelerator.num_processes)
     optim = config.optim
-    trainable = lora_parameter_groups(peft_model, family, optim.lr, lora.lr_vision, lora.lr_merger)
+    trainable = lora_plus_groups(
+        lora_parameter_groups(peft_model, family, optim.lr, lora.lr_vision, lora.lr_merger),
+        [peft_model],
+        optim.lr,
+        lora.lr_ratio,
+    )
     accelerator.print(describe_parameter_groups(trainable))
     optimizer = build_optimizer(
         optim.name, trainable, optim.lr, optim.weight_decay, optim.betas, optim.eps, runtime.device_type

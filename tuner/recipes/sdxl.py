@@ -25,11 +25,17 @@ import torch
 from accelerate.utils import set_seed
 
 import tuner
-from tuner.config.keys import check_evaluation_keys, refuse_unused_keys
+from tuner.config.keys import check_evaluation_keys, refuse_keys_without_effect, refuse_unused_keys
 from tuner.config.schema import DataConfig, DataSource, LoraConfig, RunConfig
 from tuner.data.buckets import CropPlan, bucket_histogram, nearest_bucket, plan_crop, sdxl_buckets
-from tuner.data.captions import CaptionedImage, scan_caption_dataset, tag_frequency
-from tuner.data.check import DataReport
+from tuner.data.captions import (
+    CaptionedImage,
+    caption_prefix_of,
+    scan_caption_dataset,
+    tag_frequency,
+    transform_caption,
+)
+from tuner.data.check import DataReport, caption_cuts
 from tuner.data.masks import find_masks, mask_counts
 from tuner.data.mixing import (
     Portion,
@@ -46,7 +52,8 @@ from tuner.data.mixing import (
 from tuner.data.sampling import GroupedBatchSampler
 from tuner.distributed import PerSampleSeeds, launched_rank
 from tuner.errors import ConfigError
-from tuner.models.sdxl import SDXLComponents, load_sdxl
+from tuner.formats.kohya import refuse_kohya_only_dora
+from tuner.models.sdxl import SDXLComponents, caption_token_count, load_sdxl
 from tuner.models.sdxl_cache import build_sdxl_dataset, collate_sdxl, model_fingerprint
 from tuner.models.sdxl_lora import (
     ADAPTER_FILE,
@@ -58,7 +65,13 @@ from tuner.models.sdxl_lora import (
     save_sdxl_lora,
     unet_target_modules,
 )
-from tuner.models.sdxl_loss import SDXLLoraModel, noise_settings
+from tuner.models.sdxl_loss import (
+    Schedule,
+    SDXLLoraModel,
+    choose_schedule,
+    noise_settings,
+    training_scheduler,
+)
 from tuner.models.sdxl_merge import base_weights_of
 from tuner.models.sdxl_sampling import EncodedPrompt, encode_sample_prompts, sample_images
 from tuner.recipes.common import open_output_folder, record_run, resolve_base_model
@@ -73,7 +86,7 @@ from tuner.tiny.datasets import resolve_tiny_dataset
 from tuner.training.bad_data import admit_dataset
 from tuner.training.ema import parameters_replaced
 from tuner.training.loop import LossParts, TrainingJob, run_training, settings_from_config
-from tuner.training.optim import build_lr_scheduler, build_optimizer
+from tuner.training.optim import build_lr_scheduler, build_optimizer, lora_plus_groups
 from tuner.training.trackers import finish_trackers, log_sample_images
 
 TASK = "sdxl-lora"
@@ -115,12 +128,14 @@ SAVE_FORMATS = ("diffusers", "kohya", "both")
 def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     """Train a LoRA adapter on SDXL as `config` says; returns the output folder."""
     refuse_unused_keys(config, TASK, UNUSED_KEYS)
+    refuse_keys_without_effect(config)
     check_evaluation_keys(config)  # output.keep_best: validation_loss
     if config.output.save_format not in SAVE_FORMATS:
         raise ConfigError(
             f"output.save_format={config.output.save_format!r} is not an SDXL format",
             hint=f"use one of {', '.join(SAVE_FORMATS)} (peft is Qwen-VL's adapter folder)",
         )
+    refuse_kohya_only_dora(config.output.save_format, config.lora.variant)
     output_dir = open_output_folder(config, TASK, resume)
     # The data is checked before any model loads: a refusal costs seconds, not a model load.
     portions = load_masks(config, load_training_portions(config))
@@ -168,23 +183,51 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
         single_file_config=model_config.single_file_config,
     )
     configure_unet_attention(components.unet, runtime)
+    # Said up front: tokens past data.max_caption_tokens never reach the model (kohya_ss #2956).
+    captions = [
+        transform_caption(
+            sample.caption, prefix=caption_prefix_of(sample, config.data.caption_prefix), rng=random.Random(0)
+        )
+        for sample in images
+    ]
+    count_tokens = functools.partial(caption_token_count, components.tokenizer)
+    cuts = caption_cuts(captions, count_tokens, config.data.max_caption_tokens)
+    accelerator.print(f"caption tokens: {cuts.line()}")
     if config.runtime.channels_last:
         # Same numbers, another layout: convolution libraries (oneDNN, cuDNN) have faster NHWC kernels.
         components.unet.to(memory_format=torch.channels_last)
-    parameter_groups = setup_lora(components, config.lora, config.optim.lr)
+    parameter_groups = lora_plus_groups(
+        setup_lora(components, config.lora, config.optim.lr),
+        [components.unet, components.text_encoder, components.text_encoder_2],
+        config.optim.lr,
+        config.lora.lr_ratio,
+    )
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(components, config.lora.text_encoder)
     if config.runtime.compile:
         # In place (nn.Module.compile), so parameter names, LoRA saving and EMA see the plain UNet.
         components.unet.compile()
+    schedule = choose_schedule(
+        components.noise_scheduler,
+        components.schedule_markers,
+        prediction_type=config.train.prediction_type,
+        zero_terminal_snr=config.train.zero_terminal_snr,
+    )
+    # Said up front: a v-prediction checkpoint trained as epsilon would only show in ruined samples.
+    accelerator.print(schedule.describe())
+    # Sample grids build their sampler from this scheduler's config, so they follow the same schedule.
+    components.noise_scheduler = training_scheduler(components.noise_scheduler, schedule)
     settings = noise_settings(
         components.noise_scheduler,
-        prediction_type=config.train.prediction_type,
+        prediction_type=schedule.prediction_type,
         snr_gamma=config.train.snr_gamma,
         noise_offset=config.train.noise_offset,
         pyramid_noise_discount=config.train.pyramid_noise_discount,
         timestep_min=config.train.timestep_min,
         timestep_max=config.train.timestep_max,
+        loss=config.train.loss,
+        huber_c=config.train.huber_c,
+        huber_schedule=config.train.huber_schedule,
     )
 
     # Training the text encoders changes their outputs every step: nothing about the text can be cached.
@@ -224,6 +267,7 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
         encodes_images=encodes_images,
         encodes_captions=encodes_captions,
         prior_loss_weight=config.data.prior_loss_weight,
+        max_caption_tokens=config.data.max_caption_tokens,
     )
     prompts = config.output.sample_prompts or default_sample_prompts(
         [sample for sample in images if not sample.prior], config.data.caption_prefix
@@ -287,9 +331,7 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         epochs = math.ceil(result.step / steps_per_epoch(len(batch_sampler), config, accelerator))
-        metadata = adapter_metadata(
-            config, base_model, images, mix, result.step, epochs, settings.prediction_type
-        )
+        metadata = adapter_metadata(config, base_model, images, mix, result.step, epochs, schedule)
         adapter_file = save_adapters(components, output_dir, ADAPTER_FILE, metadata)
         if config.output.save_format in ("kohya", "both"):
             from tuner.formats.kohya import export_kohya
@@ -508,6 +550,7 @@ def build_dataset(
         device=accelerator.device,
         accelerator=accelerator,
         masked_loss=config.data.masked_loss,
+        max_caption_tokens=config.data.max_caption_tokens,
     )
 
 
@@ -525,9 +568,11 @@ def fixed_batches(
     return batches
 
 
-def default_sample_prompts(samples: Sequence[CaptionedImage], prefix: str) -> list[str]:
-    captions = list(dict.fromkeys(sample.caption for sample in samples))[:DEFAULT_SAMPLE_PROMPTS]
-    return [f"{prefix}, {caption}" if prefix else caption for caption in captions]
+def default_sample_prompts(samples: Sequence[CaptionedImage], trigger: str) -> list[str]:
+    """The first few distinct captions of `samples`, as they train (with their prefix)."""
+    rng = random.Random(0)  # never drawn from: no shuffle, no dropout
+    captions = [transform_caption(s.caption, prefix=caption_prefix_of(s, trigger), rng=rng) for s in samples]
+    return list(dict.fromkeys(captions))[:DEFAULT_SAMPLE_PROMPTS]
 
 
 def write_sample_grid(
@@ -565,7 +610,7 @@ def adapter_metadata(
     mix: Sequence[dict],
     steps: int,
     epochs: int,
-    prediction_type: str,
+    schedule: Schedule,
 ) -> dict:
     """What the adapter file records about its run (safetensors header, `tuner.*` keys; the kohya export
     turns them into the `ss_*` / `modelspec.*` keys ComfyUI, A1111 and Forge show).
@@ -573,16 +618,23 @@ def adapter_metadata(
     `samples` are the distinct training images (instance and class), `mix` the rows of `mix_rows`:
     samples per epoch count repeats, as kohya's `ss_num_train_images` / `ss_num_reg_images` do.
 
-    `prediction_type` is the resolved one (never `auto`): `tuner infer sdxl` configures its scheduler
-    from it, as the sample grids do. It is the only scheduler setting training changes.
+    `schedule` is the resolved prediction type and noise schedule (never `auto`): `tuner infer sdxl` and
+    `tuner eval sdxl` configure their scheduler from them, as the sample grids do. They are the only
+    scheduler settings training changes.
     """
     lora = config.lora
+    train = config.train
     from tuner.formats.kohya import base_model_hashes
 
     return {
         "base_model": base_model,
         **base_model_hashes(base_model),  # kohya's ss_sd_model_hash / ss_new_sd_model_hash of a single file
-        "prediction_type": prediction_type,
+        "prediction_type": schedule.prediction_type,
+        "zero_terminal_snr": schedule.zero_terminal_snr,
+        "loss": train.loss,
+        **({"huber_c": train.huber_c, "huber_schedule": train.huber_schedule} if train.loss != "mse" else {}),
+        "max_caption_tokens": config.data.max_caption_tokens,
+        **({"lr_ratio": lora.lr_ratio} if lora.lr_ratio else {}),
         "rank": lora.rank,
         "alpha": lora.alpha,
         "variant": lora.variant,

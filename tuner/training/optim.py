@@ -73,6 +73,44 @@ def build_optimizer(
     )
 
 
+def lora_plus_groups(
+    groups: list[dict], modules: Iterable[torch.nn.Module | None], lr: float, lr_ratio: float | None
+) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024; kohya's `loraplus_lr_ratio`, PEFT's `create_loraplus_optimizer`): each
+    group's LoRA B matrices move to a group of their own at `lr_ratio` times the group's lr (`lr` for a
+    group without one); A matrices, DoRA magnitudes and everything else keep theirs. `modules` are the
+    models holding the parameters (PEFT names B `...lora_B.<adapter>.weight`). None leaves `groups` as
+    they are. A ratio that finds no B matrix (LoKr and LoHa have none) is refused: it would act on nothing.
+    """
+    if lr_ratio is None:
+        return groups
+    b_matrices = {
+        id(parameter)
+        for module in modules
+        if module is not None
+        for name, parameter in module.named_parameters()
+        if ".lora_B." in name
+    }
+    split = []
+    for group in groups:
+        params = list(group["params"])
+        a_part = [parameter for parameter in params if id(parameter) not in b_matrices]
+        b_part = [parameter for parameter in params if id(parameter) in b_matrices]
+        if a_part:
+            split.append({**group, "params": a_part})
+        if b_part:
+            b_group = {**group, "params": b_part, "lr": group.get("lr", lr) * lr_ratio}
+            if "name" in group:
+                b_group["name"] = f"{group['name']} B"
+            split.append(b_group)
+    if not b_matrices:
+        raise ConfigError(
+            f"lora.lr_ratio={lr_ratio} is set, but the adapter has no LoRA B matrices",
+            hint="LoRA+ applies to lora.variant lora and dora; remove lora.lr_ratio for lokr/loha",
+        )
+    return split
+
+
 @dataclass
 class ScheduleShape:
     """The lr multiplier at a step: a linear warmup, then constant, cosine to 0 or linear to 0 at
