@@ -109,3 +109,14 @@ def test_resolved_config_round_trips(tmp_path: Path):
     path = write_resolved_config(config, tmp_path / "run")
     assert yaml.safe_load(path.read_text())["optim"]["lr"] == 3e-5
     assert build_config(config_file=path, task="sdxl-lora") == config
+
+
+def test_lora_init_choices_are_one_mapping_that_both_families_build_from() -> None:
+    from typing import get_args
+
+    from tuner.config.schema import LORA_INIT_WEIGHTS, LoraConfig
+    from tuner.models.sdxl_lora import lora_config
+
+    assert set(get_args(LoraConfig.model_fields["init"].annotation)) == set(LORA_INIT_WEIGHTS)
+    for init, peft_value in LORA_INIT_WEIGHTS.items():
+        assert lora_config(["to_q"], rank=2, alpha=2.0, init=init).init_lora_weights == peft_value

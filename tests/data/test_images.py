@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tuner.data.images import decode_image_rgb, inspect_image, load_image_rgb
+from tuner.data.images import decode_image_rgb, inspect_image, load_image_rgb, upright_size
 from tuner.errors import DataError
 
 
@@ -102,6 +102,23 @@ def test_exif_orientation_6_is_applied(tmp_path: Path) -> None:
     top, bottom = image.getpixel((10, 5)), image.getpixel((10, 35))
     assert top[0] > 200 and top[2] < 60
     assert bottom[2] > 200 and bottom[0] < 60
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 5, 6, 7, 8])
+def test_upright_size_is_the_size_training_loads(tmp_path: Path, orientation: int) -> None:
+    # The one header-only size every caller uses (data check, Qwen-VL token counts, grounding boxes).
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(Image.new("RGB", (40, 20), "red"), tmp_path / "picture.jpg", exif=exif)
+    assert upright_size(path) == upright_size(path.read_bytes()) == load_image_rgb(path).size
+    assert upright_size(str(path)) == load_image_rgb(path).size
+
+
+def test_upright_size_of_a_file_that_is_no_image_names_it(tmp_path: Path) -> None:
+    path = tmp_path / "notes.png"
+    path.write_text("not a picture")
+    with pytest.raises(DataError, match=r"notes.png: cannot read the image size"):
+        upright_size(path)
 
 
 def test_truncated_png_is_unreadable(tmp_path: Path) -> None:

@@ -160,3 +160,38 @@ def test_data_check_reports_repeats_reg_images_and_folder_captions(tmp_path: Pat
     text = report.format_text()
     assert "samples per epoch: 6 instance + 6 class = 12" in text
     assert text.splitlines()[-1].split()[:2] == ["total", "12"]  # the histogram counts samples
+
+
+def test_balanced_class_images_train_exactly_the_instance_count_every_epoch() -> None:
+    from collections import Counter
+
+    from tuner.data.captions import CaptionedImage
+    from tuner.data.mixing import Portion, epoch_buckets
+    from tuner.data.sampling import GroupedBatchSampler
+
+    # 20 instance images in one bucket; 400 class images over 15 buckets (see the CLI test's sizes).
+    sizes = [30] * 11 + [17, 17, 18, 18]
+    buckets = [(64 + 16 * number, 64) for number, size in enumerate(sizes) for _ in range(size)]
+    dogs = tuple(CaptionedImage(Path(f"d{i}"), "", "") for i in range(20))
+    instance = Portion("dog", "dog", False, dogs, 1)
+    images = tuple(CaptionedImage(Path(f"c{i}"), "", "", prior=True) for i in range(400))
+    portions = balance_regularisation([instance, Portion("class", "class", True, images, 1, balanced=True)])
+    all_buckets = [(64, 64)] * 20 + buckets
+    plans = [CropPlan(bucket, bucket, (0, 0), bucket) for bucket in all_buckets]
+    assert len(epoch_buckets(portions, all_buckets)) == 40
+    assert [row["samples_per_epoch"] for row in mix_rows(portions, all_buckets)] == [20, 20]
+
+    samples, expanded, shares = expand_repeats(portions, plans)
+    groups = [plan.bucket for plan in expanded]
+    sampler = GroupedBatchSampler(groups, batch_size=4, seed=3, shares=shares)
+    drawn: Counter[CaptionedImage] = Counter()
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        epoch_samples = [samples[index] for batch in sampler for index in batch]
+        assert sum(sample.prior for sample in epoch_samples) == 20, epoch
+        assert sum(not sample.prior for sample in epoch_samples) == 20
+        drawn.update(sample for sample in epoch_samples if sample.prior)
+    # Every bucket trains, and within a bucket its images take turns (drawn as often as each other +- 1).
+    for bucket in set(buckets):
+        times = [drawn[image] for image, where in zip(images, buckets, strict=True) if where == bucket]
+        assert max(times) >= 1 and max(times) - min(times) <= 1, bucket

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from cli_runner import run_cli
@@ -70,3 +71,39 @@ def test_cli_draws_one_comparison_per_prompt_with_adapters_in_columns(tiny_model
         base = grid.crop((0, LABEL_HEIGHT, 64, LABEL_HEIGHT + 64)).tobytes()
         adapted = grid.crop((64, LABEL_HEIGHT, 128, LABEL_HEIGHT + 64)).tobytes()
         assert base != adapted  # the adapter is on in its column and off in the base column
+
+
+@pytest.mark.slow
+def test_the_base_column_samples_with_the_base_models_own_prediction_type(tiny_model, tmp_path, capsys):
+    """A v-prediction adapter on the epsilon tiny model: its column is sampled as v-prediction, the base
+    column and `infer --compare`'s base row as the base model samples alone (`tuner infer` without it)."""
+    adapter = write_adapter(tiny_model("sdxl"), tmp_path / "vpred", seed=1, prediction_type="v_prediction")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    drawing = ("--steps", "2", "--size", "64x64", "--device", "cpu")
+
+    def infer(out, *extra):
+        command = ("infer", "sdxl", "--model", "tiny", "--prompt", "a red square", "--seed", "0", *extra)
+        code, _, stderr = run_cli(capsys, *command, *drawing, "--out", str(out))
+        assert code == 0, stderr
+        return np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+
+    base = infer(tmp_path / "base.png")
+    adapted = infer(tmp_path / "adapted.png", "--adapter", str(adapter), "--compare")
+    code, _, stderr = run_cli(
+        capsys,
+        *("eval", "sdxl", "--prompts", str(prompts), "--adapter", str(adapter), "--model", "tiny"),
+        *("--seeds", "1", *drawing, "--out", str(tmp_path / "eval")),
+    )
+    assert code == 0, stderr
+    grid = Image.open(tmp_path / "eval" / "prompt-00.png").convert("RGB")
+    column = [
+        np.asarray(grid.crop((left, LABEL_HEIGHT, left + 64, LABEL_HEIGHT + 64)), dtype=np.int16)
+        for left in (0, 64)
+    ]
+    compare = Image.open(tmp_path / "compare.png").convert("RGB")
+    compare_base = np.asarray(compare.crop((0, LABEL_HEIGHT, 64, LABEL_HEIGHT + 64)), dtype=np.int16)
+    assert np.abs(base - adapted).max() > 20  # v-prediction sampling draws something else
+    for image in (column[0], compare_base):
+        assert np.abs(image - base).max() <= 1
+    assert np.abs(column[1] - adapted).max() <= 1

@@ -27,6 +27,7 @@ def write_adapter(
     text_encoder: bool = False,
     base_model: str = "tiny-sdxl",
     variant: str = "lora",
+    prediction_type: str | None = None,
 ) -> Path:
     """An adapter injected by tuner's own code, B (DoRA's magnitudes, LoKr/LoHa factors) randomized, saved
     as training saves it."""
@@ -53,5 +54,12 @@ def write_adapter(
         components.unet,
         components.text_encoder if text_encoder else None,
         components.text_encoder_2 if text_encoder else None,
-        training_metadata={"base_model": base_model, "rank": rank, "alpha": alpha, "variant": variant},
+        training_metadata={
+            "base_model": base_model,
+            "rank": rank,
+            "alpha": alpha,
+            "variant": variant,
+            # What training records; `tuner infer`/`eval` sample the adapter for it.
+            **({"prediction_type": prediction_type} if prediction_type else {}),
+        },
     )

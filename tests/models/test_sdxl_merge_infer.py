@@ -190,3 +190,39 @@ def test_single_file_merge_streams_and_equals_the_pipeline_merge(tiny_model, ada
             assert ours.dtype == torch.bfloat16, key
             torch.testing.assert_close(ours.float(), value.float(), rtol=0, atol=0, msg=key)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "k.safetensors", "m.safetensors"]
+
+
+def test_single_file_merge_holds_one_weight_group_at_a_time(tiny_model, adapters, tmp_path, monkeypatch):
+    """Every weight of all four parts is read on its own and dropped once written: at no point are more
+    read tensors alive than OpenCLIP's q/k/v group and the one being read (the peak memory of a full-size
+    merge is measured in docs/benchmarks.md)."""
+    import weakref
+
+    from tuner.formats.safetensors_stream import read_header
+
+    alive: set[int] = set()
+    most = 0
+    read: list[str] = []
+
+    def tracked(path):
+        nonlocal most
+        for name, tensor in sdxl_merge_read_tensors(path):
+            read.append(f"{path.parent.name}/{name}")
+            alive.add(id(tensor))
+            weakref.finalize(tensor, alive.discard, id(tensor))
+            most = max(most, len(alive))
+            yield name, tensor
+            del tensor
+
+    sdxl_merge_read_tensors = sdxl_merge.read_tensors
+    monkeypatch.setattr(sdxl_merge, "read_tensors", tracked)
+    base = tiny_model("sdxl")
+    sdxl_merge.merge_sdxl_adapter(str(base), adapters[0], tmp_path / "m.safetensors", single_file=True)
+    stored = [
+        f"{part}/{name}"
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2")
+        for file in sorted((base / part).glob("*.safetensors"))
+        for name in read_header(file)
+    ]
+    assert sorted(read) == sorted(stored)
+    assert most <= 4, most

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -198,3 +199,83 @@ def test_a_run_with_class_images_resumes_exactly(tmp_path: Path, capsys) -> None
         return [{k: v for k, v in r.items() if k.startswith("loss")} for r in records if "loss" in r]
 
     assert logged(split)[-2:] == logged(tmp_path / "straight")[-2:]  # the steps after the resume
+
+
+@pytest.mark.slow
+def test_the_trigger_word_goes_on_instance_captions_and_on_class_sources_that_ask(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    from tuner.models import sdxl_cache
+
+    trained: list[str] = []  # every caption the run encodes (all are cached before the first step)
+
+    def recording(components, captions, device):
+        trained.extend(captions)
+        return encode_prompt(components, captions, device)
+
+    encode_prompt = sdxl_cache.encode_prompt
+    monkeypatch.setattr(sdxl_cache, "encode_prompt", recording)
+    instance = _images(tmp_path / "dog", 2, "a photo")
+    plain = _images(tmp_path / "class", 2, "a dog", size=(64, 80))
+    kohya_style = _images(tmp_path / "class-prefixed", 2, "another dog", size=(80, 64))
+    config = tmp_path / "run.yaml"
+    sources = [
+        {"path": str(plain), "reg": True},
+        {"path": str(kohya_style), "reg": True, "caption_prefix": "sks"},  # kohya's behaviour, asked for
+    ]
+    config.write_text(json.dumps({"data": {"path": str(instance), "sources": sources}}), encoding="utf-8")
+    _train(capsys, tmp_path / "out", "--config", str(config), "--caption-prefix", "sks", "--max-steps", "1")
+    assert sorted(trained) == [
+        "a dog 0",
+        "a dog 1",
+        "sks, a photo 0",
+        "sks, a photo 1",
+        "sks, another dog 0",
+        "sks, another dog 1",
+    ]
+
+
+@pytest.mark.slow
+def test_data_on_the_command_line_replaces_the_configs_sources_and_repeats(tmp_path: Path, capsys) -> None:
+    style = _images(tmp_path / "style", 2, "sks style")
+    variety = _images(tmp_path / "variety", 3, "a plain colour")
+    chosen = _images(tmp_path / "chosen", 2, "the one", size=(64, 80))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        json.dumps({"data": {"path": str(style), "repeats": 3, "sources": [{"path": str(variety)}]}}),
+        encoding="utf-8",
+    )
+    out = _train(capsys, tmp_path / "out", "--config", str(config), "--data", str(chosen), "--max-steps", "1")
+    assert "samples per epoch" not in out  # one folder, once per epoch: no mix
+    header = read_adapter_metadata(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert json.loads(header["tuner.dataset_dirs"]) == {"chosen": {"n_repeats": 1, "img_count": 2}}
+    resolved = yaml.safe_load((tmp_path / "out" / "tuner_config.yaml").read_text(encoding="utf-8"))["data"]
+    assert (resolved["path"], resolved["repeats"], resolved["sources"]) == (str(chosen), None, [])
+
+
+# 400 class images over 15 buckets, as many per bucket as rounding each bucket's share on its own
+# over-draws: 11 buckets of 30 (1.5 -> 2 each) and 17, 17, 18, 18 (0.85, 0.9 -> 1 each) made 26.
+CLASS_BUCKET_SIZES = [30] * 11 + [17, 17, 18, 18]
+
+
+def _class_images_over_15_buckets(folder: Path) -> Path:
+    from tuner.data.buckets import sdxl_buckets
+
+    folder.mkdir(parents=True)
+    number = 0
+    for (width, height), count in zip(sdxl_buckets(128, 16)[:15], CLASS_BUCKET_SIZES, strict=True):
+        for _ in range(count):
+            colour = (number % 256, number // 256, 90)  # each its own: no duplicate warnings
+            Image.new("RGB", (width, height), colour).save(folder / f"{number}.png")
+            (folder / f"{number}.txt").write_text("a dog", encoding="utf-8")
+            number += 1
+    return folder
+
+
+def test_balanced_class_images_draw_as_many_samples_as_the_instance_images(tmp_path: Path, capsys) -> None:
+    instance = _images(tmp_path / "dog", 20, "sks dog", size=(128, 128))
+    reg = _class_images_over_15_buckets(tmp_path / "class")
+    command = ["data", "check", "sdxl", str(instance), "--reg-data", str(reg), "--resolution", "128"]
+    code, out, err = run_cli(capsys, *command, "--bucket-step", "16")
+    assert code == 0, err
+    assert "samples per epoch: 20 instance + 20 class = 40" in out

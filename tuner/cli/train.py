@@ -318,7 +318,10 @@ def _common_flags(arguments: dict[str, Any]) -> dict[str, Any]:
 
 def _image_data_flags(data: list[str], reg_data: list[str]) -> dict[str, Any]:
     """SDXL's `--data PATH[@N]` (repeatable) and `--reg-data DIR[@N]`: the first --data is data.path
-    (and data.repeats), every other one a data.sources entry. Given, they replace the config's sources."""
+    (and data.repeats), every other one a data.sources entry. `--data` replaces the config's data.path,
+    data.repeats and data.sources (the images are the ones the command names); `--reg-data` alone
+    replaces data.sources."""
+    from tuner.config.load import NULL
     from tuner.data.mixing import parse_data_flag
 
     sources = [parse_data_flag(value, "--data") for value in data]
@@ -326,8 +329,8 @@ def _image_data_flags(data: list[str], reg_data: list[str]) -> dict[str, Any]:
     flags: dict[str, Any] = {"data.path": None}
     if data:
         first, *sources = sources
-        flags |= {"data.path": first.path, "data.repeats": first.repeats}
-    if sources:
+        flags |= {"data.path": first.path, "data.repeats": NULL if first.repeats is None else first.repeats}
+    if data or reg_data:
         flags["data.sources"] = [source.model_dump() for source in sources]
     return flags
 

@@ -8,6 +8,7 @@ instead of training something other than what the config says.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,6 +37,30 @@ def refuse_unused_keys(config: RunConfig, task: str, unused: Iterable[str]) -> N
             )
 
 
+def refuse_keys_without_effect(config: RunConfig) -> None:
+    """Refuse an SDXL key set to act on something the run does not have: the setting would do nothing."""
+    lora, data = config.lora, config.data
+    if lora.text_encoder_lr is not None and not lora.text_encoder:
+        raise ConfigError(
+            f"lora.text_encoder_lr={lora.text_encoder_lr} is set, but lora.text_encoder is off: no text "
+            "encoder trains at that rate",
+            hint="add --set lora.text_encoder=true to train the text encoders, or remove text_encoder_lr",
+        )
+    if data.prior_loss_weight != 1.0 and not any(source.reg for source in data.sources):
+        raise ConfigError(
+            f"data.prior_loss_weight={data.prior_loss_weight} is set, but no source holds class images: "
+            "there is no prior loss to weigh",
+            hint="add the class images with --reg-data DIR (a data.sources entry with reg: true), "
+            "or remove prior_loss_weight",
+        )
+    if data.keep_tags and not data.shuffle_tags:
+        raise ConfigError(
+            f"data.keep_tags={data.keep_tags} is set, but data.shuffle_tags is off: no tag is shuffled, "
+            "so keeping the first ones does nothing",
+            hint="add --set data.shuffle_tags=true, or remove keep_tags",
+        )
+
+
 def check_evaluation_keys(config: RunConfig) -> None:
     """Refuse evaluation settings that would silently never evaluate or never keep a checkpoint."""
     output = config.output
@@ -62,3 +87,20 @@ def check_evaluation_keys(config: RunConfig) -> None:
                 f"output.keep_best={best}: no eval metric {metric!r}",
                 hint=f"use eval/ followed by one of {', '.join([*METRICS, 'overall'])}",
             )
+
+
+# Each recipe keeps the list of keys it does not read beside the code that reads the others (its
+# UNUSED_KEYS, which refuse_unused_keys enforces); the report asks for that same list by task name.
+# Imported lazily: the config layer sits below the recipes and must not load them to build a config.
+_RECIPE_OF_TASK = {"sdxl-lora": "tuner.recipes.sdxl", "qwenvl-lora": "tuner.recipes.qwenvl"}
+
+
+def keys_that_act(task: str) -> list[str] | None:
+    """The config keys `task`'s recipe reads (every key but its UNUSED_KEYS); None for an unknown task."""
+    from tuner.config.load import all_keys
+
+    module = _RECIPE_OF_TASK.get(task)
+    if module is None:
+        return None
+    unused = set(importlib.import_module(module).UNUSED_KEYS)
+    return [key for key in all_keys() if key not in unused]

@@ -30,6 +30,16 @@ _SCIENTIFIC_NUMBER = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 KEYS_PRESETS_MAY_NOT_SET = frozenset({"hub.insecure_skip_tls_verify"})
 
 
+class _Null:
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+# A flag value that sets its key to None, where None itself means "flag not given" (`--data PATH` sets
+# data.repeats to None: the folder's own repeats, whatever the config file says).
+NULL = _Null()
+
+
 def build_config(
     *,
     preset: str | None = None,
@@ -38,7 +48,8 @@ def build_config(
     overrides: Iterable[str] = (),
     task: str | None = None,
 ) -> RunConfig:
-    """Merge the layers and validate. `flags` maps dotted keys to values (None = not given)."""
+    """Merge the layers and validate. `flags` maps dotted keys to values (None = not given, `NULL` = set
+    to None)."""
     layers: list[tuple[str, dict]] = []
     if preset:
         preset_layer = load_preset(preset, task)
@@ -52,7 +63,8 @@ def build_config(
     if config_file:
         layers.append((str(config_file), read_config_file(config_file)))
     if flags:
-        layers.append(("flags", _nest({k: v for k, v in flags.items() if v is not None})))
+        given = {key: None if value is NULL else value for key, value in flags.items() if value is not None}
+        layers.append(("flags", _nest(given)))
     if overrides:
         layers.append(("--set", _nest(dict(parse_override(item) for item in overrides))))
 

@@ -84,6 +84,9 @@ class CaptionedImage:
     mask: Path | str | None = None
     # A regularisation (class) image: its loss is the prior loss.
     prior: bool = False
+    # Its source's own caption prefix (`data.sources[].caption_prefix`; "" for a class image without one),
+    # or None for the run's trigger word: see `caption_prefix_of`.
+    caption_prefix: str | None = None
 
     def load(
         self, background: tuple[int, int, int] = (255, 255, 255), max_pixels: int = DEFAULT_MAX_PIXELS
@@ -196,6 +199,12 @@ def scan_caption_dataset(
         f"{root} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in it and its subfolders)",
         hint="point data.path at the folder with your images and their .txt captions",
     )
+
+
+def caption_prefix_of(sample: CaptionedImage, trigger: str) -> str:
+    """The prefix `sample`'s caption trains with: its own (its source's), else the run's `trigger` word
+    (`data.caption_prefix`)."""
+    return trigger if sample.caption_prefix is None else sample.caption_prefix
 
 
 def transform_caption(

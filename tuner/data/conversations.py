@@ -54,8 +54,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, overload
 
-from tuner.data.grounding import BOX_PLACEHOLDER, Box, box_problem, parse_box, upright_size
-from tuner.data.images import DEFAULT_MAX_PIXELS, too_large_problem
+from tuner.data.grounding import BOX_PLACEHOLDER, Box, box_problem, parse_box
+from tuner.data.images import DEFAULT_MAX_PIXELS, too_large_problem, upright_size
 from tuner.data.problems import Problem
 from tuner.data.thinking import THINK_CLOSE, THINK_OPEN, canonical_reply, split_reasoning
 from tuner.data.video import VideoSampling, VideoSource, video_problem
@@ -604,8 +604,10 @@ class _RecordParser:
                     '"image" is the 0-based index of the image the box lies on',
                 )
                 continue
-            # A missing or unreadable image is reported by the image checks.
-            size = upright_size(images[box.image]) if images[box.image].is_file() else None
+            try:
+                size = upright_size(images[box.image])
+            except DataError:  # a missing or unreadable image is reported by the image checks
+                size = None
             problem = box_problem(box, *size) if size is not None else None
             if problem is not None:
                 self.report(

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Literal
 
 from PIL import Image, ImageDraw
 
+from tuner.data.images import upright_size
 from tuner.errors import DataError, ModelError
 
 if TYPE_CHECKING:
@@ -53,8 +54,6 @@ _PROCESSOR_STYLES: dict[str, BoxStyle] = {
     "Qwen2_5_VLProcessor": "qwen2_5_vl",
     "Qwen3VLProcessor": "qwen3_vl",
 }
-_EXIF_ORIENTATION = 0x0112
-_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _QWEN2_BOX = re.compile(
     r"(?:<\|object_ref_start\|>(?P<label>.*?)<\|object_ref_end\|>)?"
     r"<\|box_start\|>\(\s*(?P<x1>-?\d+(?:\.\d+)?)\s*,\s*(?P<y1>-?\d+(?:\.\d+)?)\s*\)\s*,\s*"
@@ -100,17 +99,6 @@ def box_problem(box: Box, width: int, height: int) -> str | None:
     if box.x1 < 0 or box.y1 < 0 or box.x2 > width or box.y2 > height:
         return f"box {_shown(box)} lies outside the {width}x{height} image"
     return None
-
-
-def upright_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) of the image as training loads it (EXIF rotation applied); None when unreadable."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION)
-    except (OSError, ValueError):
-        return None
-    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
 def box_style(processor) -> BoxStyle:
@@ -168,11 +156,10 @@ def write_boxes(processor, conversation: Conversation) -> Conversation:
     written = []
     for box in conversation.boxes:
         path = conversation.images[box.image]
-        size = upright_size(path)
-        if size is None:
-            raise DataError(
-                f"{conversation.source}: cannot read the size of {path}", hint="re-save the image"
-            )
+        try:
+            size = upright_size(path)
+        except DataError as error:
+            raise DataError(f"{conversation.source}: {error.message}", hint=error.hint) from error
         written.append(
             format_box(box.label, model_coordinates(box, style, size, resized_size(processor, *size)), style)
         )

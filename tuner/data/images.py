@@ -27,6 +27,10 @@ DEFAULT_MAX_PIXELS = 178_956_970
 _MAX_PIXELS_SETTING = "data.max_image_pixels"
 _TRANSPARENT_MODES = frozenset({"RGBA", "LA", "PA", "RGBa"})
 _SRGB = ImageCms.createProfile("sRGB")
+# The EXIF orientation tag; orientations 5-8 turn the picture by 90 degrees, so the upright image has
+# width and height swapped.
+_EXIF_ORIENTATION = 0x0112
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 T = TypeVar("T")
 
 
@@ -67,6 +71,27 @@ def decode_image_rgb(
     """`load_image_rgb` for encoded bytes (an image stored inside a dataset); `name` is used in messages."""
     _refuse_empty(len(data), name)
     return _decode(lambda: io.BytesIO(data), name, background, max_pixels, _to_rgb)
+
+
+def upright_size(image: str | Path | bytes) -> tuple[int, int]:
+    """(width, height) of the image as `load_image_rgb` returns it (EXIF rotation applied), read from the
+    header without decoding the pixels; raises `DataError` naming the file when it cannot be read."""
+    encoded = isinstance(image, bytes)
+    name = "an image stored in the dataset" if encoded else str(image)
+    try:
+        with (
+            warnings.catch_warnings(),
+            Image.open(io.BytesIO(image) if encoded else image) as opened,
+        ):
+            # Callers check the pixel limit themselves; Pillow's warning-level bomb check adds nothing.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = opened.size
+            orientation = opened.getexif().get(_EXIF_ORIENTATION)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(
+            f"{name}: cannot read the image size ({error})", hint="re-save or remove the image"
+        ) from error
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
 def load_alpha(image: Path | bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | None:

@@ -31,6 +31,7 @@ from tuner.data.sampling import held_out_indices, share_count
 from tuner.errors import ConfigError
 
 T = TypeVar("T")
+Bucket = tuple[int, int]  # (width, height)
 # A fractional part below this is float noise of a balanced repeats (e.g. 2.0000000001), not a share.
 _MIN_SHARE = 1e-6
 # `--data PATH@N`: the repeats follow the last "@".
@@ -73,7 +74,9 @@ class Portion:
 
 
 def split_portions(source: DataSource, scan: CaptionScan) -> list[Portion]:
-    """The portions of one scanned source, in the scan's sample order; class samples marked `prior`."""
+    """The portions of one scanned source, in the scan's sample order; class samples marked `prior`, and
+    each sample with the source's caption prefix (class images: none unless the source sets one)."""
+    source_prefix = "" if source.reg and source.caption_prefix is None else source.caption_prefix
     by_name: dict[str, tuple[int, list[CaptionedImage]]] = {}
     for sample in scan.samples:
         folder = None
@@ -82,7 +85,7 @@ def split_portions(source: DataSource, scan: CaptionScan) -> list[Portion]:
         kohya = parse_kohya_folder(folder.name) if folder is not None else None
         name = folder.name if folder is not None else (scan.root.name if scan.root else source.path)
         entry = by_name.setdefault(name, (kohya.repeats if kohya else 1, []))
-        entry[1].append(replace(sample, prior=True) if source.reg else sample)
+        entry[1].append(replace(sample, prior=source.reg, caption_prefix=source_prefix))
     return [
         Portion(
             name=name,
@@ -138,38 +141,74 @@ def balance_regularisation(portions: Sequence[Portion]) -> list[Portion]:
     ]
 
 
+def samples_per_bucket(portions: Sequence[Portion], buckets: Sequence[Bucket]) -> list[Counter[Bucket]]:
+    """Per portion, bucket -> the samples it trains in each epoch; `buckets` holds each image's bucket,
+    in portion order.
+
+    A portion's whole repeats copy each image; a fractional part takes `share_count` of its images in a
+    bucket. Balanced class portions together take exactly the instance samples per epoch: that number is
+    split over their (portion, bucket) cells in proportion to images x repeats, by largest remainders and
+    at least one per cell (so every bucket trains; only with more cells than instance samples do they
+    take more). Rounding each bucket's share on its own would over-draw small buckets: 20 instance and
+    400 class images over 15 buckets would train 26 class samples per epoch.
+    """
+    images = [Counter(part) for part in _per_portion(portions, buckets)]
+    counts: list[Counter[Bucket]] = []
+    for portion, in_buckets in zip(portions, images, strict=True):
+        whole, fraction = _split(portion.repeats)
+        counts.append(
+            Counter(
+                {
+                    bucket: whole * count + (share_count(fraction, count) if fraction else 0)
+                    for bucket, count in in_buckets.items()
+                }
+            )
+        )
+    cells = [
+        (index, bucket, count)
+        for index, portion in enumerate(portions)
+        if portion.balanced
+        for bucket, count in images[index].items()
+    ]
+    if cells:
+        instance = sum(sum(counts[i].values()) for i, portion in enumerate(portions) if not portion.reg)
+        weights = [count * portions[index].repeats for index, _, count in cells]
+        for (index, bucket, _), part in zip(cells, _apportion(instance, weights), strict=True):
+            counts[index][bucket] = part
+    return counts
+
+
 def expand_repeats(
     portions: Sequence[Portion], plans: Sequence[CropPlan]
 ) -> tuple[list[CaptionedImage], list[CropPlan], list[tuple[int, float] | None]]:
     """(samples, plans, shares) of the training list: each portion's samples (with `plans`, one per
-    sample in portion order) copied by the whole part of its repeats, plus one copy with a share
-    (portion number, fractional part) for `GroupedBatchSampler` when the repeats have one."""
+    sample in portion order), copied so that each bucket trains its `samples_per_bucket`: the whole
+    part as copies, the rest as one more copy with a share (portion number, fraction of the bucket's
+    images) for `GroupedBatchSampler`, which draws exactly that many of them per epoch."""
+    buckets = [plan.bucket for plan in plans]
+    counts = samples_per_bucket(portions, buckets)
     samples: list[CaptionedImage] = []
     expanded_plans: list[CropPlan] = []
     shares: list[tuple[int, float] | None] = []
     plan_of = iter(plans)
-    for number, portion in enumerate(portions):
-        whole, fraction = _split(portion.repeats)
+    for number, (portion, part) in enumerate(zip(portions, _per_portion(portions, buckets), strict=True)):
+        images = Counter(part)
         for sample in portion.samples:
             plan = next(plan_of)
+            whole, rest = divmod(counts[number][plan.bucket], images[plan.bucket])
             copies: list[tuple[int, float] | None] = [None] * whole
-            if fraction:
-                copies.append((number, fraction))
+            if rest:
+                copies.append((number, rest / images[plan.bucket]))
             samples.extend([sample] * len(copies))
             expanded_plans.extend([plan] * len(copies))
             shares.extend(copies)
     return samples, expanded_plans, shares
 
 
-def epoch_buckets(portions: Sequence[Portion], buckets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+def epoch_buckets(portions: Sequence[Portion], buckets: Sequence[Bucket]) -> list[Bucket]:
     """One bucket per sample trained in an epoch (repeats counted), for the bucket histogram; `buckets`
     holds each image's bucket, in portion order."""
-    trained: list[tuple[int, int]] = []
-    for portion, portion_buckets in zip(portions, _per_portion(portions, buckets), strict=True):
-        whole, fraction = _split(portion.repeats)
-        for bucket, count in Counter(portion_buckets).items():
-            trained.extend([bucket] * (whole * count + (share_count(fraction, count) if fraction else 0)))
-    return trained
+    return [bucket for counts in samples_per_bucket(portions, buckets) for bucket in counts.elements()]
 
 
 def is_plain(portions: Sequence[Portion]) -> bool:
@@ -177,7 +216,7 @@ def is_plain(portions: Sequence[Portion]) -> bool:
     return len(portions) == 1 and portions[0].repeats == 1
 
 
-def mix_rows(portions: Sequence[Portion], buckets: Sequence[tuple[int, int]]) -> list[dict]:
+def mix_rows(portions: Sequence[Portion], buckets: Sequence[Bucket]) -> list[dict]:
     """Per portion: source, folder, images, repeats, samples per epoch and kind (the mix printed at the
     start of a run and by `tuner data check`); `buckets` holds each sample's bucket, in portion order."""
     return [
@@ -186,10 +225,10 @@ def mix_rows(portions: Sequence[Portion], buckets: Sequence[tuple[int, int]]) ->
             "folder": portion.name,
             "images": len(portion.samples),
             "repeats": round(portion.repeats, 3),
-            "samples_per_epoch": len(epoch_buckets([portion], portion_buckets)),
+            "samples_per_epoch": sum(counts.values()),
             "kind": ("class, balanced" if portion.balanced else "class") if portion.reg else "instance",
         }
-        for portion, portion_buckets in zip(portions, _per_portion(portions, buckets), strict=True)
+        for portion, counts in zip(portions, samples_per_bucket(portions, buckets), strict=True)
     ]
 
 
@@ -231,6 +270,23 @@ def filled_caption_notes(source: str, scan: CaptionScan) -> list[str]:
 def _folder_words(origin: str) -> str:
     kohya = parse_kohya_folder(origin.removeprefix("folder "))
     return kohya.words if kohya else ""
+
+
+def _apportion(total: int, weights: Sequence[float]) -> list[int]:
+    """`total` split in proportion to `weights` by largest remainders (Hamilton's method), each part at
+    least 1; the parts sum to `total` unless there are more parts than that."""
+    quotas = [total * weight / sum(weights) for weight in weights]
+    parts = [max(1, math.floor(quota)) for quota in quotas]
+    missing = total - sum(parts)
+    # The parts furthest below their quota gain one each; ties go to the earlier part.
+    for index in sorted(range(len(parts)), key=lambda i: parts[i] - quotas[i])[: max(missing, 0)]:
+        parts[index] += 1
+    # Parts raised to 1 can overshoot: the ones furthest above their quota give one back, down to 1.
+    while missing < 0 and any(part > 1 for part in parts):
+        index = max((i for i in range(len(parts)) if parts[i] > 1), key=lambda i: parts[i] - quotas[i])
+        parts[index] -= 1
+        missing += 1
+    return parts
 
 
 def _split(repeats: float) -> tuple[int, float]:

@@ -35,11 +35,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from PIL import Image
 
 from tuner.data.conversations import Conversation
 from tuner.data.grounding import write_boxes
-from tuner.data.images import DEFAULT_MAX_PIXELS, load_image_rgb
+from tuner.data.images import DEFAULT_MAX_PIXELS, load_image_rgb, upright_size
 from tuner.data.video import (
     PASS_THROUGH_SIZE,
     VideoSampling,
@@ -49,15 +48,12 @@ from tuner.data.video import (
     resized_frames,
     video_tokens,
 )
-from tuner.errors import ConfigError, DataError, ModelError
+from tuner.errors import ConfigError, ModelError
 
 IGNORE_INDEX = -100
 END_OF_TURN = "<|im_end|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
-# EXIF orientations that rotate by 90 degrees: the decoded (upright) image has width and height swapped.
-_EXIF_ORIENTATION = 0x0112
-_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _HEADER_PROBE = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
 # Keys of a packed batch that say where its samples lie; `packed_model_inputs` turns them into
 # position ids and removes them before the batch reaches the model.
@@ -491,7 +487,7 @@ def token_length(processor, conversation: Conversation, video: VideoSampling | N
     image_processor = processor.image_processor
     image_replacements = []
     for path in conversation.images:
-        height, width = _upright_size(path)
+        width, height = upright_size(path)
         patches = image_processor.get_number_of_image_patches(height, width, {})
         # Only the grid's product matters to the replacement text.
         grid = torch.tensor([[1, patches, 1]])
@@ -510,16 +506,3 @@ def video_plan(processor, source, video: VideoSampling | None = None):
         size = video_processor.size
         video = VideoSampling(frame_min_pixels=size["shortest_edge"], frame_max_pixels=size["longest_edge"])
     return plan_frames(probe_video(source, video.fps), video, video_processor.temporal_patch_size)
-
-
-def _upright_size(path) -> tuple[int, int]:
-    """(height, width) of the image as `load_image_rgb` returns it (EXIF rotation applied), header only."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION)
-    except OSError as error:
-        raise DataError(
-            f"{path}: cannot read the image size ({error})", hint="re-save or remove the image"
-        ) from error
-    return (width, height) if orientation in _SWAPPING_ORIENTATIONS else (height, width)

@@ -1,8 +1,12 @@
-"""Write a `.safetensors` file one tensor at a time, so no more than one tensor is ever held for it.
+"""Read and write `.safetensors` files one tensor at a time, so no more than one tensor is ever held.
 
 `safetensors.torch.save_file` takes the whole state dict at once. The format is simple (an 8-byte
 little-endian header length, a JSON header of dtype/shape/byte offsets, then the raw bytes), so the
 bytes go to a side file as they come and the header is written in front of them at the end.
+
+Reading uses plain file reads rather than safetensors' memory map: the pages of a mapped file that were
+read stay mapped into the process, and count as its resident memory, until the file is closed, so
+walking a 5 GB UNet through one `safe_open` handle ends with 5 GB resident.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -28,6 +34,40 @@ _DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
+
+
+def read_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {"dtype", "shape", "data_offsets"} of a `.safetensors` file (no tensor is read)."""
+    with open(path, "rb") as file:
+        header, _ = _read_header(file)
+    return header
+
+
+def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of a `.safetensors` file, in file order, read into memory of its own (see the module
+    docstring): only the tensor the caller holds is in memory."""
+    with open(path, "rb") as file:
+        header, data_start = _read_header(file)
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            dtype = _TORCH_DTYPES[entry["dtype"]]
+            if end == begin:
+                yield name, torch.empty(entry["shape"], dtype=dtype)
+                continue
+            file.seek(data_start + begin)
+            raw = bytearray(end - begin)
+            if file.readinto(raw) != len(raw):
+                raise OSError(f"{path} is truncated: tensor {name} ends past the end of the file")
+            yield name, torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"])
+
+
+def _read_header(file) -> tuple[dict[str, dict[str, Any]], int]:
+    (length,) = struct.unpack("<Q", file.read(8))
+    header = json.loads(file.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
 
 
 class SafetensorsStreamWriter:

@@ -10,6 +10,8 @@ projection is stored transposed (OpenCLIP multiplies `x @ text_projection`). The
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +26,15 @@ TEXT_ENCODER_2_PREFIX = "conditioner.embedders.1.model."
 
 _VAE_RESNET_LAYERS = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION_LAYERS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPENCLIP_NAMES = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+    "text_projection.weight": "text_projection",
+}
+_CLIP_LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
 _OPENCLIP_LAYER_PARTS = {
     "layer_norm1": "ln_1",
     "layer_norm2": "ln_2",
@@ -69,9 +80,15 @@ def save_sdxl_single_file(
 
 def vae_to_original(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
     """`AutoencoderKL` weights under the original names (`encoder.down.0.block.1`, `mid.attn_1`)."""
-    up_levels = len(vae.config.up_block_types)
-    converted = {}
-    for key, value in vae.state_dict().items():
+    return dict(vae_original_tensors(vae.state_dict().items(), len(vae.config.up_block_types)))
+
+
+def vae_original_tensors(
+    tensors: Iterable[tuple[str, torch.Tensor]], up_levels: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`AutoencoderKL` weights (diffusers names) under their original names, one at a time; `up_levels` is
+    the number of the decoder's up blocks (`len(config.up_block_types)`), which the original counts down."""
+    for key, value in tensors:
         parts = key.split(".")
         coder = parts[0]
         if parts[1:2] == ["conv_norm_out"]:
@@ -101,42 +118,55 @@ def vae_to_original(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
                 # The original attention projects with 1x1 convolutions, diffusers' with Linear layers.
                 if parts[-1] == "weight" and value.ndim == 2:
                     value = value[:, :, None, None]
-        converted[".".join(parts)] = value
-    return converted
+        yield ".".join(parts), value
 
 
 def open_clip_state_dict(text_encoder_2: torch.nn.Module) -> dict[str, torch.Tensor]:
     """`CLIPTextModelWithProjection` weights in OpenCLIP's layout (fused q/k/v, transposed projection)."""
-    state = clip_state_dict(text_encoder_2)
-    converted = {
-        "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
-        "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
-        "ln_final.weight": state["text_model.final_layer_norm.weight"],
-        "ln_final.bias": state["text_model.final_layer_norm.bias"],
-        "text_projection": state["text_projection.weight"].T,
-    }
-    for layer in range(text_encoder_2.config.num_hidden_layers):
-        source = f"text_model.encoder.layers.{layer}."
+    return dict(open_clip_tensors(clip_tensors(text_encoder_2.state_dict().items())))
+
+
+def open_clip_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """`CLIPTextModelWithProjection` weights (transformers 4 names, see `clip_tensors`) in OpenCLIP's
+    layout, one at a time: a layer's q, k and v projections are held until all three have come, then
+    fused into its `in_proj`. Buffers that are no weights (`position_ids`) are left out."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors:
+        if key in _OPENCLIP_NAMES:
+            yield _OPENCLIP_NAMES[key], value.T if key == "text_projection.weight" else value
+            continue
+        match = _CLIP_LAYER.fullmatch(key)
+        if match is None:
+            continue
+        layer, part, kind = match.groups()
         target = f"transformer.resblocks.{layer}."
-        for kind in ("weight", "bias"):
-            converted[f"{target}attn.in_proj_{kind}"] = torch.cat(
-                [state[f"{source}self_attn.{projection}_proj.{kind}"] for projection in "qkv"]
-            )
-            for part, original in _OPENCLIP_LAYER_PARTS.items():
-                converted[f"{target}{original}.{kind}"] = state[f"{source}{part}.{kind}"]
-    return converted
+        projection = _QKV.get(part)
+        if projection is None:
+            yield f"{target}{_OPENCLIP_LAYER_PARTS[part]}.{kind}", value
+            continue
+        name = f"{target}attn.in_proj_{kind}"
+        group = pending.setdefault(name, {})
+        group[projection] = value
+        if len(group) == len(_QKV):
+            yield name, torch.cat([group[letter] for letter in "qkv"])
+            del pending[name]
+    if pending:
+        raise ValueError(f"q, k and v projections incomplete for {', '.join(sorted(pending))}")
 
 
 def clip_state_dict(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CLIP text encoder's weights named as in transformers 4 (`text_model.encoder...`).
+    """A CLIP text encoder's weights named as in transformers 4 (`text_model.encoder...`)."""
+    return dict(clip_tensors(text_encoder.state_dict().items()))
+
+
+def clip_tensors(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """CLIP text-encoder weights named as in transformers 4 (`text_model.encoder...`), one at a time.
 
     transformers 5 dropped the `text_model` wrapper from `CLIPTextModel` (its keys start at
     `embeddings.`), while checkpoints in the wild, and diffusers' single-file loader, expect it.
     """
-    return {
-        key if key.startswith(("text_model.", "text_projection")) else f"text_model.{key}": value
-        for key, value in text_encoder.state_dict().items()
-    }
+    for key, value in tensors:
+        yield (key if key.startswith(("text_model.", "text_projection")) else f"text_model.{key}"), value
 
 
 def _renamed(parts: list[str], names: dict[str, str]) -> list[str]:

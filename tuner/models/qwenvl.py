@@ -46,6 +46,7 @@ from transformers import (
 )
 
 from tuner.atomic import give_default_modes
+from tuner.config.schema import LORA_INIT_WEIGHTS
 from tuner.errors import ConfigError, ModelError
 
 # peft 0.21 reads transformers 5.23's deprecated `is_gradient_checkpointing` whenever it wraps or loads an
@@ -97,9 +98,6 @@ _TARGET_PATTERNS: dict[str, dict[str, str]] = {
 }
 _TARGET_PATTERNS["qwen3_vl_moe"] = _TARGET_PATTERNS["qwen3_vl"]
 
-# Initialisations that leave the base weights untouched, so the adapter alone reproduces the model.
-# PiSSA/OLoRA/LoftQ rewrite the base weights and would need the converted base saved beside the adapter.
-_INIT_CHOICES: dict[str, bool | str] = {"default": True, "gaussian": "gaussian"}
 
 
 def detect_family(config_or_path: PretrainedConfig | Mapping[str, Any] | str | Path) -> str:
@@ -264,7 +262,7 @@ def add_lora(
     """Wrap `model` with LoRA on exactly `target_modules` and `target_parameters` (fused expert and
     router weights, see `lora_target_parameters`); every other parameter is frozen. `variant="dora"`
     is PEFT's DoRA (`use_dora`)."""
-    if init not in _INIT_CHOICES:
+    if init not in LORA_INIT_WEIGHTS:
         raise ConfigError(
             f"lora.init {init!r} is not available for Qwen-VL",
             hint="use default or gaussian (PiSSA/OLoRA/LoftQ rewrite the base weights)",
@@ -291,7 +289,7 @@ def add_lora(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        init_lora_weights=_INIT_CHOICES[init],
+        init_lora_weights=LORA_INIT_WEIGHTS[init],
         # Exact names: PEFT matches a list entry against the whole module name (or a `.`-suffix of it).
         target_modules=list(target_modules),
         target_parameters=list(target_parameters) or None,

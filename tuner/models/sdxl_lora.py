@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tuner.atomic import give_default_modes
+from tuner.config.schema import LORA_INIT_WEIGHTS
 from tuner.errors import ConfigError, ModelError
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -40,9 +41,6 @@ UNET_TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "conv": ("conv1", "conv2", "conv_shortcut", "time_emb_proj"),
 }
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-# Initialisations that leave the base weights untouched. PiSSA/OLoRA/LoftQ rewrite the base weights,
-# which an adapter file for diffusers cannot carry.
-_INIT_CHOICES = {"default": True, "gaussian": "gaussian"}
 # LyCORIS' algorithms as PEFT implements them. diffusers loads neither (its loaders build LoRA configs
 # only), so tuner loads them itself (`load_adapter_file`) and the kohya file is what other tools read.
 LYCORIS_CONFIGS: dict[str, type[PeftConfig]] = {"lokr": LoKrConfig, "loha": LoHaConfig}
@@ -82,7 +80,7 @@ def lora_config(
                 hint=f"leave lora.{key} at its default with LoKr/LoHa",
             )
         return LYCORIS_CONFIGS[variant](r=rank, alpha=alpha, target_modules=list(target_modules))
-    if init not in _INIT_CHOICES:
+    if init not in LORA_INIT_WEIGHTS:
         raise ConfigError(
             f"lora.init {init!r} is not available for SDXL",
             hint="use default or gaussian (initialisations that rewrite the base weights cannot be saved "
@@ -92,7 +90,7 @@ def lora_config(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        init_lora_weights=_INIT_CHOICES[init],
+        init_lora_weights=LORA_INIT_WEIGHTS[init],
         target_modules=list(target_modules),
         use_rslora=use_rslora,
         use_dora=variant == "dora",

@@ -6,11 +6,13 @@ at the final cast), then the model is cast to the requested dtype. The output is
 folder beside `output` and moved into place with one `os.replace`, so an interrupted merge leaves no
 output behind.
 
-`--single-file` from a diffusers folder streams: the UNet (2.6B of SDXL's 3.5B parameters) is read
-tensor by tensor with safetensors' lazy reads, each weight gets its LoRA delta `scale * up @ down` in
-fp32, is cast and appended to the output file; the text encoders and VAE are loaded one at a time in
-their stored dtype. Peak memory is the adapter plus the largest of those (bigG, 1.4 GB in fp16) instead
-of the whole pipeline in fp32 (15.8 GB for SDXL).
+`--single-file` from a diffusers folder streams: every weight of the UNet, VAE and both text encoders
+is read on its own with plain file reads (`tuner.formats.safetensors_stream.read_tensors`; a memory map
+would keep every page read resident), gets its LoRA delta `scale * up @ down` in fp32, is cast, renamed
+to the original layout and appended to the output file, then dropped. Only OpenCLIP's fused q/k/v
+holds three weights at once. Peak memory is the adapter plus a few tensors (bigG's token embedding,
+126 MB in fp16, is the largest) instead of the whole pipeline in fp32 (15.8 GB for SDXL); see
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -35,17 +38,17 @@ from tuner.formats.kohya import (
     recorded_base,
     resolve_adapter_file,
 )
-from tuner.formats.safetensors_stream import SafetensorsStreamWriter
+from tuner.formats.safetensors_stream import SafetensorsStreamWriter, read_header, read_tensors
 from tuner.formats.sdxl_folder import save_sdxl_folder
 from tuner.formats.sdxl_single_file import (
     TEXT_ENCODER_2_PREFIX,
     TEXT_ENCODER_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
-    clip_state_dict,
-    open_clip_state_dict,
+    clip_tensors,
+    open_clip_tensors,
     save_sdxl_single_file,
-    vae_to_original,
+    vae_original_tensors,
 )
 from tuner.formats.sdxl_unet_layout import UNetLayout
 from tuner.models.sdxl import SDXLComponents, load_sdxl
@@ -118,9 +121,13 @@ def _base_warnings(metadata: dict[str, str], base_name: str) -> list[str]:
 
 
 def _model_identity(name: str) -> str:
-    """One name per model: `tiny` and `tiny-sdxl` are the same tiny model."""
+    """One name per model: `tiny` and `tiny-sdxl` are the same tiny model, and a local path is its
+    absolute path (training records it so)."""
     tiny = resolve_tiny_alias(name, "sdxl-lora")
-    return f"tiny-{tiny}" if tiny is not None else name
+    if tiny is not None:
+        return f"tiny-{tiny}"
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name
 
 
 _WRONG_BASE_HINT = (
@@ -241,32 +248,26 @@ def _merge_single_file_streaming(
 ) -> Path:
     """`--single-file` from a diffusers folder, tensor by tensor (see the module docstring)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors import safe_open
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     state_dict, metadata = read_safetensors(adapter_file)
     unet_config = dict(UNet2DConditionModel.load_config(str(folder), subfolder="unet"))
     deltas = lora_deltas(state_dict, metadata, unet_config, source=str(adapter_file))
     if not deltas:
         raise ModelError(f"{adapter_file} holds no LoRA weights", hint="pass an SDXL LoRA file or folder")
-    unet_files = _weight_files(folder / "unet")
-    unet_shapes = {}
-    for file in unet_files:
-        with safe_open(str(file), framework="pt") as handle:
-            unet_shapes |= {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-    target_dtype = dtype or _stored_dtype(str(folder))
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype="auto")
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-        folder, subfolder="text_encoder_2", dtype="auto"
-    )
-    encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    del state_dict  # the deltas hold what the merge needs of it
+    files = {component: _weight_files(folder / component) for component in _STREAMED}
     # Refuse before writing: every adapted module exists with the shapes its LoRA needs.
+    shapes = {
+        (component, _module_name(key)): tuple(entry["shape"])
+        for component, component_files in files.items()
+        for file in component_files
+        for key, entry in read_header(file).items()
+    }
+    deltas = {
+        (component, _module_name(f"{module}.weight")): delta for (component, module), delta in deltas.items()
+    }
     for (component, module), (down, up, _, _) in deltas.items():
-        if component == "unet":
-            shape = unet_shapes.get(f"{module}.weight")
-        else:
-            found = _find_module(encoders[component], module)
-            shape = tuple(found.weight.shape) if found is not None and hasattr(found, "weight") else None
+        shape = shapes.get((component, module))
         if shape is None or down.shape[1] != shape[1] or up.shape[0] != shape[0]:
             raise ModelError(
                 f"the adapter {adapter_file} does not fit the base model at {component}.{module}: LoRA "
@@ -275,37 +276,34 @@ def _merge_single_file_streaming(
             )
     for warning in _base_warnings(metadata, base_name):
         warn(f"warning: {warning}")
+    target_dtype = dtype or _stored_dtype(str(folder))
 
-    with torch.no_grad():
-        for component, encoder in encoders.items():
-            for (part, module), delta in deltas.items():
-                if part == component:
-                    weight = _find_module(encoder, module).weight
-                    # In the stored dtype, as the pipeline merge's fp32 copy rounds once, at the final cast.
-                    weight.copy_(_fused(weight, delta, scale, weight.dtype))
+    def merged(component: str) -> Iterator[tuple[str, torch.Tensor]]:
+        """The component's weights from its files, one at a time, each with its LoRA delta fused in."""
+        for file in files[component]:
+            for key, tensor in read_tensors(file):
+                delta = deltas.get((component, _module_name(key)))
+                yield key, _fused(tensor, delta, scale, target_dtype) if delta is not None else tensor
+
+    up_levels = len(AutoencoderKL.load_config(str(folder), subfolder="vae")["up_block_types"])
+    layout = UNetLayout(unet_config)
+    checkpoint = [
+        (UNET_PREFIX, ((layout.to_original(key), value) for key, value in merged("unet"))),
+        (VAE_PREFIX, vae_original_tensors(merged("vae"), up_levels)),
+        (
+            TEXT_ENCODER_PREFIX,
+            ((k, v) for k, v in clip_tensors(merged("text_encoder")) if not k.endswith("position_ids")),
+        ),
+        (TEXT_ENCODER_2_PREFIX, open_clip_tensors(clip_tensors(merged("text_encoder_2")))),
+    ]
     output.parent.mkdir(parents=True, exist_ok=True)
     target = output if output.suffix == ".safetensors" else output / SINGLE_FILE_NAME
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
-        with SafetensorsStreamWriter(staging / target.name, SINGLE_FILE_METADATA) as writer:
-            layout = UNetLayout(unet_config)
-            for file in unet_files:
-                with safe_open(str(file), framework="pt") as handle:
-                    for key in handle.keys():  # noqa: SIM118
-                        delta = deltas.get(("unet", key.removesuffix(".weight")))
-                        tensor = handle.get_tensor(key)
-                        if delta is not None:
-                            tensor = _fused(tensor, delta, scale, target_dtype)
-                        writer.add(UNET_PREFIX + layout.to_original(key), tensor.to(target_dtype))
-            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-            for key, value in vae_to_original(vae).items():
-                writer.add(VAE_PREFIX + key, value.to(target_dtype))
-            del vae
-            for key, value in clip_state_dict(text_encoder).items():
-                if not key.endswith("position_ids"):
-                    writer.add(TEXT_ENCODER_PREFIX + key, value.to(target_dtype))
-            for key, value in open_clip_state_dict(text_encoder_2).items():
-                writer.add(TEXT_ENCODER_2_PREFIX + key, value.to(target_dtype))
+        with torch.no_grad(), SafetensorsStreamWriter(staging / target.name, SINGLE_FILE_METADATA) as writer:
+            for prefix, tensors in checkpoint:
+                for key, value in tensors:
+                    writer.add(prefix + key, value.to(target_dtype))
         give_default_modes(staging)  # mkdtemp's folder is private (0700)
         if output.suffix == ".safetensors":
             os.replace(staging / target.name, output)
@@ -314,6 +312,17 @@ def _merge_single_file_streaming(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
+
+
+# The parts `--single-file` streams from a diffusers folder, in the order the checkpoint holds them.
+_STREAMED = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _module_name(weight_key: str) -> str:
+    """The module a weight belongs to, in one naming for files and adapters: transformers 5 saves
+    CLIPTextModel without the `text_model.` level its adapters may name (CLIPTextModelWithProjection
+    keeps it)."""
+    return weight_key.removesuffix(".weight").removeprefix("text_model.")
 
 
 def _fused(
