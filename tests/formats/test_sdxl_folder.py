@@ -112,9 +112,16 @@ def umask_027():
     os.umask(previous)
 
 
-def test_merge_folder_output_is_comfyui_readable_and_readable_by_the_group(tiny_model, tmp_path, umask_027):
-    adapter = write_adapter(tiny_model("sdxl"), tmp_path / "adapter", text_encoder=True)  # the file
-    merged = merge_sdxl_adapter(str(tiny_model("sdxl")), adapter, tmp_path / "merged")
+def test_merge_folder_output_is_comfyui_readable_and_readable_by_the_group(
+    tiny_model, tmp_path, umask_027, monkeypatch
+):
+    base = Path(tiny_model("sdxl"))
+    # Training records a local base by its absolute path; the same base given relatively is no other model.
+    adapter = write_adapter(base, tmp_path / "adapter", text_encoder=True, base_model=str(base.resolve()))
+    monkeypatch.chdir(base.parent)
+    warnings: list[str] = []
+    merged = merge_sdxl_adapter(base.name, adapter, tmp_path / "merged", warn=warnings.append)
+    assert warnings == []
     assert_comfyui_loads_both_encoders(merged, clip_g_layers=2)
     single = merge_sdxl_adapter(
         str(tiny_model("sdxl")), adapter, tmp_path / "one.safetensors", single_file=True
