@@ -164,7 +164,8 @@ def test_training_scores_eval_data_on_schedule_and_keeps_the_best_checkpoint(tmp
     assert all({"eval/normalised_match", "eval/anls"} <= set(r) for r in evaluated)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # beside the loss
     answers = [json.loads(line) for line in (out / "samples" / "eval_answers.jsonl").open()]
-    assert [a["step"] for a in answers] == [2] * 4 + [4] * 4 + [6] * 4  # the 4 held-out questions
+    questions = len(load_eval_conversations("tiny"))  # every held-out question, at every evaluation
+    assert [a["step"] for a in answers] == [2] * questions + [4] * questions + [6] * questions
     # The first highest score is the best; its checkpoint survives keep_checkpoints=1 beside the last.
     best = max(evaluated, key=lambda r: r["eval/overall"])  # max keeps the first of equals
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
