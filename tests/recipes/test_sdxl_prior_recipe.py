@@ -49,7 +49,8 @@ def test_a_run_with_class_images_logs_instance_and_prior_losses(
         {
             "task": "sdxl-lora",
             "model": {"name_or_path": "tiny"},
-            "data": {"path": str(mixed_folder), "resolution": 64, "prior_loss_weight": 0.5},
+            # No prior_loss_weight: without a reg source in the config it is refused (it would weigh nothing).
+            "data": {"path": str(mixed_folder), "resolution": 64},
             "lora": {"rank": 2, "alpha": 2.0},
             "train": {"batch_size": 2, "epochs": 1},
             # One record for the whole epoch: every image, instance and class, is in it.

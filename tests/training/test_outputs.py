@@ -66,6 +66,8 @@ def test_overwrite_through_the_cli_leaves_nothing_of_the_replaced_run(capsys, tm
 
     code, _, err = run_cli(capsys, *common, "--set", "train.max_steps=1")
     assert code == 2 and "finished run" in err
+    # What `tuner eval sdxl --out RUN/eval` leaves beside the run (docs/report.md), which its report shows.
+    _write(output / "eval" / "eval.json")
 
     started = time.time()
     fewer = [

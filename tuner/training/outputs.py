@@ -76,8 +76,11 @@ RUN_OUTPUTS: tuple[RunOutput, ...] = (
     RunOutput(REPORT_FILE),
     RunOutput(checkpoints_root(Path()).name),
     RunOutput(RESOLVED_CONFIG_NAME),
-    # The run report and the environment it records; the offline trackers' folders.
+    # The run report and the environment it records; the offline trackers' folders. `eval/` is where
+    # docs/report.md has `tuner eval` write a run's comparison, which the report shows: left behind, the
+    # replaced run's scores would pass for the new run's.
     RunOutput(HTML_REPORT_FILE),
+    RunOutput("eval"),
     RunOutput(ENVIRONMENT_FILE),
     RunOutput(TENSORBOARD_DIR),
     RunOutput(MLFLOW_DIR),
