@@ -140,3 +140,62 @@ def test_training_refreshes_the_report_at_checkpoints(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "<svg" in html and "4 / 4" in html and "What is in the picture?" in html
     assert "torch" in (out / "environment.json").read_text()  # recorded by training itself
+
+
+def _acting_keys_shown(html: str) -> set[str]:
+    """The dotted keys in the report's table of keys that act (outside the full-config fold)."""
+    table = html[html.index("<table class=keys>") : html.index("<details>")]
+    shown = set()
+    for section, cells in re.findall(r"<tr><th>([^<]*)</th><td>(.*?)</td></tr>", table):
+        names = re.findall(r"<span>(?:<b>)?(\w+):", cells)
+        shown |= {f"{section}.{name}" if section else name for name in names}
+    return shown
+
+
+@pytest.mark.parametrize("task", ["qwenvl-lora", "sdxl-lora"])
+def test_the_config_shows_the_keys_the_recipe_reads_and_folds_the_rest(tmp_path, task):
+    from tuner.config.load import all_keys
+    from tuner.config.schema import RunConfig
+    from tuner.recipes import qwenvl, sdxl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = RunConfig.model_validate({"task": task, "lora": {"rank": 8}}).model_dump(mode="json")
+    (run / "tuner_config.yaml").write_text(yaml.safe_dump(config))
+    html = write_run_report(run, None).read_text()
+    unused = {"qwenvl-lora": qwenvl.UNUSED_KEYS, "sdxl-lora": sdxl.UNUSED_KEYS}[task]
+    # The same list the recipe refuses keys by: every key of the schema but its UNUSED_KEYS.
+    assert _acting_keys_shown(html) == {key for key in all_keys() if key not in unused}
+    assert "<span><b>rank: 8</b></span>" in html  # set away from the default
+    fold = html[html.index("<details>") :]
+    assert "full config" in fold and "resolution:" in fold and "max_pixels:" in fold
+
+
+def test_eval_answers_of_base_and_adapter_are_side_by_side(run_dir):
+    eval_dir = run_dir / "eval"
+    eval_dir.mkdir()
+    questions = [("A red square.", "A purple.", "A red square."), ("A blue circle.", "x", "A blue square.")]
+    for index, name in enumerate(("base", "vl")):
+        with open(eval_dir / f"answers-{index}-{name}.jsonl", "w") as handle:
+            for number, (reference, *answers) in enumerate(questions, 1):
+                score = float(answers[index] == reference)
+                record = {"source": f"eval.jsonl:{number}", "question": "What is in the picture?"}
+                record |= {"reference": reference, "answer": answers[index], "score": score}
+                handle.write(json.dumps(record) + "\n")
+    models = [
+        {
+            "name": name,
+            "metrics": {"exact_match": score},
+            "overall": score,
+            "answers": f"answers-{i}-{name}.jsonl",
+        }
+        for i, (name, score) in enumerate((("base", 0.0), ("vl", 0.5)))
+    ]
+    report = {"data": "eval.jsonl", "samples": 2, "metrics": ["exact_match"], "models": models}
+    (eval_dir / "eval.json").write_text(json.dumps(report))
+    html = write_run_report(run_dir, None).read_text()
+    assert (
+        "<tr><td>eval.jsonl:1</td><td>What is in the picture?</td><td>A red square.</td>"
+        "<td class=wrong>A purple.</td><td class=right>A red square.</td></tr>"
+    ) in html
+    assert "<td class=wrong>x</td><td class=wrong>A blue square.</td>" in html

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.atomic import write_atomically
+from tuner.config.keys import keys_that_act
 from tuner.report.svg import line_chart
 
 REPORT_FILE = "report.html"
@@ -26,6 +27,7 @@ EVAL_PREFIX = "eval/"
 MAX_SAMPLE_IMAGES = 12
 MAX_ANSWER_STEPS = 6
 MAX_SKIPPED_SHOWN = 20
+MAX_ANSWERS_SIDE_BY_SIDE = 40
 # Scalars of a metrics record that are not charted on their own (the step axis and bookkeeping).
 _NOT_CHARTED = {"step", "epoch"}
 # Parts of the training loss (SDXL with class images: `loss/instance`, `loss/prior`), drawn in the loss chart.
@@ -51,6 +53,11 @@ pre { background: #f7f7f7; padding: 10px; overflow-x: auto; font-size: 12px; }
 figure { display: inline-block; margin: 6px; }
 figure img { max-width: 520px; image-rendering: pixelated; border: 1px solid #ddd; }
 figcaption { font-size: 12px; }
+td.right { background: #e7f5e9; }
+td.wrong { background: #fbeaea; }
+table.keys td { vertical-align: top; }
+table.keys span { display: inline-block; margin-right: 14px; white-space: nowrap; }
+details summary { cursor: pointer; color: #333; margin: 8px 0; }
 """
 
 
@@ -254,6 +261,7 @@ def _eval_section(run_dir: Path, records: list[dict[str, Any]]) -> str:
             report = None
         if report and "metrics" in report:  # tuner eval qwenvl
             html.append(_qwenvl_eval_table(report))
+            html.append(_answers_side_by_side(run_dir / "eval", report))
         elif report and "models" in report:  # tuner eval sdxl
             rows = "".join(
                 f"<tr><td>{escape(m['name'])}</td><td class=num>{_fmt(m.get('clip_score'))}</td></tr>"
@@ -295,6 +303,48 @@ def _qwenvl_eval_table(report: dict[str, Any]) -> str:
             f"<th>answer</th><th>reference</th></tr>{worst}</table>"
         )
     return "\n".join(html)
+
+
+def _answers_side_by_side(eval_dir: Path, report: dict[str, Any]) -> str:
+    """Every model's answer to each question in one row: base and adapters side by side."""
+    models = [m for m in report["models"] if isinstance(m.get("answers"), str)]
+    answers = [_read_jsonl(eval_dir / m["answers"]) for m in models]
+    if not models or not answers[0]:
+        return ""
+    head = "".join(f"<th>{escape(m['name'])}</th>" for m in models)
+    rows = []
+    for index, first in enumerate(answers[0][:MAX_ANSWERS_SIDE_BY_SIDE]):
+        cells = []
+        for model_answers in answers:
+            answer = model_answers[index] if index < len(model_answers) else {}
+            right = _number(answer.get("score")) and answer["score"] >= 1
+            cells.append(
+                f"<td class={'right' if right else 'wrong'}>{escape(str(answer.get('answer', '')))}</td>"
+            )
+        rows.append(
+            # The sample's file and line ("eval.jsonl:3"), without the folder the file sits in.
+            f"<tr><td>{escape(Path(str(first.get('source', ''))).name)}</td>"
+            f"<td>{escape(str(first.get('question', '')))}"
+            f"</td><td>{escape(str(first.get('reference', '')))}</td>{''.join(cells)}</tr>"
+        )
+    shown = min(len(answers[0]), MAX_ANSWERS_SIDE_BY_SIDE)
+    return (
+        f"<p>answers side by side ({shown} of {len(answers[0])}; green: headline score 1):</p>"
+        f"<table><tr><th>sample</th><th>question</th><th>reference</th>{head}</tr>{''.join(rows)}</table>"
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 def _fmt(value: object) -> str:
@@ -376,6 +426,47 @@ def _config_section(run_dir: Path) -> str:
     path = run_dir / "tuner_config.yaml"
     if not path.is_file():
         return ""
-    return (
-        f"<h2>Resolved config</h2>\n<pre>{escape(path.read_text(encoding='utf-8', errors='replace'))}</pre>"
+    config = _config(run_dir) or {}
+    task = config.get("task")
+    acting = keys_that_act(task) if isinstance(task, str) else None
+    html = ["<h2>Config</h2>"]
+    if acting:
+        html.append(_acting_keys_table(config, task, acting))
+    full = escape(path.read_text(encoding="utf-8", errors="replace"))
+    html.append(f"<details><summary>full config (tuner_config.yaml)</summary><pre>{full}</pre></details>")
+    return "\n".join(html)
+
+
+_MISSING = object()
+
+
+def _acting_keys_table(config: dict[str, Any], task: str, acting: list[str]) -> str:
+    """The keys the task's recipe reads, by section; those this run set away from the default in bold."""
+    from tuner.config.schema import RunConfig
+
+    defaults = RunConfig().model_dump(mode="json")
+    sections: dict[str, list[str]] = {}
+    for key in acting:
+        value = _lookup(config, key)
+        if value is _MISSING:
+            continue
+        section, _, name = key.partition(".")
+        text = f"{escape(name or section)}: {escape(json.dumps(value, default=str))}"
+        changed = value != _lookup(defaults, key)
+        sections.setdefault(section if name else "", []).append(f"<b>{text}</b>" if changed else text)
+    rows = "".join(
+        f"<tr><th>{escape(section)}</th><td>{''.join(f'<span>{item}</span>' for item in items)}</td></tr>"
+        for section, items in sections.items()
     )
+    return (
+        f"<p>The keys {escape(task)} reads (it refuses the others unless they keep their defaults); "
+        f"<b>bold</b>: set by this run's preset, config, flags or --set.</p><table class=keys>{rows}</table>"
+    )
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from tuner.atomic import write_folder_atomically
 
-DATASET_VERSION = 2
-# (colour name, RGB, shape, width, height): mixed aspect ratios so bucketing has work to do.
+DATASET_VERSION = 3
+# SDXL's captioned shapes, (colour name, RGB, shape, width, height): mixed aspect ratios so bucketing has
+# work to do.
 _SHAPES = [
     ("red", (220, 30, 30), "square", 96, 96),
     ("blue", (30, 60, 220), "circle", 128, 96),
@@ -26,14 +28,21 @@ _SHAPES = [
     ("red", (220, 30, 30), "circle", 112, 80),
     ("blue", (30, 60, 220), "square", 80, 112),
 ]
-# Held-out Qwen-VL questions: colour and shape pairs the training set does not show. In a folder of their
-# own, because a data folder trains on every JSON/JSONL file directly inside it.
-_HELD_OUT_SHAPES = [
-    ("green", (30, 180, 60), "square", 96, 96),
-    ("yellow", (230, 210, 40), "circle", 96, 96),
-    ("purple", (140, 40, 180), "triangle", 96, 96),
-    ("orange", (240, 140, 20), "square", 96, 96),
+# Qwen-VL's questions: one question for every picture, so only the picture tells the answer (the colour
+# and shape of one shape drawn at a random place and size). Training sees QWENVL_RENDERS pictures of each
+# colour x shape; the held-out questions are one new picture of each, drawn from another seed. In a folder
+# of their own, because a data folder trains on every JSON/JSONL file directly inside it.
+QWENVL_QUESTION = "What is in the picture?"
+QWENVL_COLOURS = [
+    ("red", (220, 30, 30)),
+    ("green", (30, 180, 60)),
+    ("blue", (30, 60, 220)),
+    ("yellow", (230, 210, 40)),
 ]
+QWENVL_SHAPES = ("square", "circle", "triangle")
+QWENVL_IMAGE_SIZE = 56
+QWENVL_RENDERS = 4
+_TRAIN_SEED, _HELD_OUT_SEED = 0, 1
 HELD_OUT = "held-out"
 EVAL_FILE = "eval.jsonl"
 
@@ -68,11 +77,22 @@ def build_tiny_dataset(kind: str, root: Path | None = None) -> Path:
     return target
 
 
-def draw_shape(colour: tuple[int, int, int], shape: str, width: int, height: int) -> Image.Image:
+def draw_shape(
+    colour: tuple[int, int, int],
+    shape: str,
+    width: int,
+    height: int,
+    placement: tuple[float, float, float] | None = None,
+) -> Image.Image:
+    """One shape on a plain background: centred at 70 % of the short side, or at `placement` (left,
+    top, side in pixels)."""
     image = Image.new("RGB", (width, height), (245, 245, 240))
     draw = ImageDraw.Draw(image)
-    side = min(width, height) * 0.7
-    left, top = (width - side) / 2, (height - side) / 2
+    if placement is None:
+        side = min(width, height) * 0.7
+        left, top = (width - side) / 2, (height - side) / 2
+    else:
+        left, top, side = placement
     box = (left, top, left + side, top + side)
     if shape == "square":
         draw.rectangle(box, fill=colour)
@@ -90,26 +110,33 @@ def _write_sdxl(folder: Path) -> None:
         (folder / f"{stem}.txt").write_text(f"a {name} {shape}, plain background\n", encoding="utf-8")
 
 
-def _shape_questions(folder: Path, shapes: list) -> list[dict]:
+def _shape_questions(folder: Path, renders: int, seed: int) -> list[dict]:
+    """`renders` pictures of every colour x shape, each at a place and size drawn from `seed`."""
     (folder / "images").mkdir(parents=True)
+    draw = random.Random(seed)
+    size = QWENVL_IMAGE_SIZE
     records = []
-    for index, (name, colour, shape, width, height) in enumerate(shapes):
-        image_name = f"images/{index:02d}-{name}-{shape}.png"
-        draw_shape(colour, shape, width, height).save(folder / image_name)
-        records.append(
-            {
-                "messages": [
-                    {"role": "user", "content": "<image>What is in the picture?"},
-                    {"role": "assistant", "content": f"A {name} {shape}."},
-                ],
-                "images": [image_name],
-            }
-        )
+    for render in range(renders):
+        for name, colour in QWENVL_COLOURS:
+            for shape in QWENVL_SHAPES:
+                side = draw.uniform(0.45, 0.8) * size
+                placement = (draw.uniform(0, size - side), draw.uniform(0, size - side), side)
+                image_name = f"images/{render}-{name}-{shape}.png"
+                draw_shape(colour, shape, size, size, placement).save(folder / image_name)
+                records.append(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"<image>{QWENVL_QUESTION}"},
+                            {"role": "assistant", "content": f"A {name} {shape}."},
+                        ],
+                        "images": [image_name],
+                    }
+                )
     return records
 
 
 def _write_qwenvl(folder: Path) -> None:
-    records = _shape_questions(folder, _SHAPES)
+    records = _shape_questions(folder, QWENVL_RENDERS, _TRAIN_SEED)
     # A text-only sample and a multi-turn one, so both paths are exercised by the demo.
     records.append(
         {
@@ -128,14 +155,14 @@ def _write_qwenvl(folder: Path) -> None:
                 {"role": "user", "content": "And its form?"},
                 {"role": "assistant", "content": "A circle."},
             ],
-            "images": ["images/01-blue-circle.png"],
+            "images": ["images/0-blue-circle.png"],
         }
     )
     with open(folder / "train.jsonl", "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
     held_out = folder / HELD_OUT
-    held_out_records = _shape_questions(held_out, _HELD_OUT_SHAPES)
+    held_out_records = _shape_questions(held_out, 1, _HELD_OUT_SEED)
     with open(held_out / EVAL_FILE, "w", encoding="utf-8") as handle:
         for record in held_out_records:
             handle.write(json.dumps(record) + "\n")
