@@ -17,6 +17,7 @@ from tuner.report.svg import nice_ticks
 
 SAMPLE_COLOUR = (255, 0, 255)  # a colour nothing else on the page uses
 LOSS_COLOUR = (0x1F, 0x77, 0xB4)
+RIGHT_ANSWER_COLOUR = (0xE7, 0xF5, 0xE9)  # td.right in the report's style
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -103,13 +104,14 @@ def _browser() -> str | None:
 
 @pytest.mark.skipif(_browser() is None, reason="no chromium here (apt-get install chromium)")
 def test_report_renders_in_headless_chromium_without_errors(run_dir, tmp_path):
+    _write_eval_answers(run_dir)
     page = write_run_report(run_dir, {"device_type": "cpu", "device_count": 1})
     screenshot = tmp_path / "report.png"
     command = [
         _browser(),
         *("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"),
         *("--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"),
-        *("--enable-logging=stderr", "--v=0", "--window-size=1100,1400", f"--screenshot={screenshot}"),
+        *("--enable-logging=stderr", "--v=0", "--window-size=1100,2400", f"--screenshot={screenshot}"),
         page.as_uri(),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -126,6 +128,7 @@ def test_report_renders_in_headless_chromium_without_errors(run_dir, tmp_path):
     counts = {colour: count for count, colour in colours}
     assert counts.get(SAMPLE_COLOUR, 0) > 1000  # the embedded sample image is drawn
     assert counts.get(LOSS_COLOUR, 0) > 200  # the curves are drawn
+    assert counts.get(RIGHT_ANSWER_COLOUR, 0) > 200  # the side-by-side answers, right ones marked
 
 
 @pytest.mark.slow
@@ -172,6 +175,17 @@ def test_the_config_shows_the_keys_the_recipe_reads_and_folds_the_rest(tmp_path,
 
 
 def test_eval_answers_of_base_and_adapter_are_side_by_side(run_dir):
+    _write_eval_answers(run_dir)
+    html = write_run_report(run_dir, None).read_text()
+    assert (
+        "<tr><td>eval.jsonl:1</td><td>What is in the picture?</td><td>A red square.</td>"
+        "<td class=wrong>A purple.</td><td class=right>A red square.</td></tr>"
+    ) in html
+    assert "<td class=wrong>x</td><td class=wrong>A blue square.</td>" in html
+
+
+def _write_eval_answers(run_dir) -> None:
+    """What `tuner eval qwenvl --out RUN/eval` writes for a base model and one adapter, 2 questions."""
     eval_dir = run_dir / "eval"
     eval_dir.mkdir()
     questions = [("A red square.", "A purple.", "A red square."), ("A blue circle.", "x", "A blue square.")]
@@ -193,9 +207,3 @@ def test_eval_answers_of_base_and_adapter_are_side_by_side(run_dir):
     ]
     report = {"data": "eval.jsonl", "samples": 2, "metrics": ["exact_match"], "models": models}
     (eval_dir / "eval.json").write_text(json.dumps(report))
-    html = write_run_report(run_dir, None).read_text()
-    assert (
-        "<tr><td>eval.jsonl:1</td><td>What is in the picture?</td><td>A red square.</td>"
-        "<td class=wrong>A purple.</td><td class=right>A red square.</td></tr>"
-    ) in html
-    assert "<td class=wrong>x</td><td class=wrong>A blue square.</td>" in html
