@@ -5,7 +5,8 @@
 #   scripts/setup.sh --latest   .venv-latest: the newest releases the index offers, ignoring the lock and
 #                               pyproject's upper bounds (torch still paired with its torchvision), to
 #                               find a breaking release on purpose; prints which packages moved.
-# Needs only Python >= 3.10 and the package registries.
+# Needs only the package registries and a Python that pyproject.toml's requires-python admits (>= 3.11:
+# what the locked set needs); PYTHON=python3.12 picks another interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,20 @@ LATEST=0
 if [ "$LATEST" = 1 ]; then VENV=.venv-latest; else VENV=.venv; fi
 STAMP="$VENV/.tuner-installed"
 WANT="$(cat pyproject.toml "$LOCK" | sha256sum | cut -c1-16)"
+
+# Refuse an older Python in one line, before pip fails on the first locked package it lacks.
+NEEDED="$(sed -n 's/^requires-python = ">=\([0-9.]*\)".*/\1/p' pyproject.toml)"
+INTERPRETER="$PYTHON"
+FIX="run it with PYTHON=python$NEEDED or newer"
+if [ -x "$VENV/bin/python" ]; then
+    INTERPRETER="$VENV/bin/python"
+    FIX="remove $VENV and $FIX"
+fi
+HAVE="$("$INTERPRETER" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)"
+if [ -z "$HAVE" ] || [ "$(printf '%s\n' "$NEEDED" "$HAVE" | sort -V | head -n1)" != "$NEEDED" ]; then
+    echo "setup: tuner needs Python >= $NEEDED (requires-python), $INTERPRETER is ${HAVE:-not runnable}: $FIX" >&2
+    exit 2
+fi
 
 if [ "$LATEST" = 0 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
     && "$VENV/bin/python" -c "import tuner" 2>/dev/null; then

@@ -97,13 +97,38 @@ def test_npu_preflight_flags_the_usual_mistakes(monkeypatch):
     assert not processes["ok"] and "4 process" in processes["detail"]
 
 
-def test_npu_preflight_passes_a_good_setup(monkeypatch):
+def _cann_home(tmp_path, version: str) -> str:
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "runtime" / "version.info").write_text(f"Version={version}\n")
+    return str(tmp_path)
+
+
+def test_npu_preflight_passes_a_good_setup(monkeypatch, tmp_path):
     monkeypatch.setattr("tuner.runtime.report.metadata.version", lambda name: "2.14.0+cpu")
     probe = NpuProbe(installed=True, torch_npu_version="2.14.0", device_count=8, bf16_supported=True)
-    env = {"ASCEND_TOOLKIT_HOME": "/usr/local/Ascend/ascend-toolkit/latest", "LOCAL_WORLD_SIZE": "8"}
+    env = {"ASCEND_TOOLKIT_HOME": _cann_home(tmp_path, "9.1.0"), "LOCAL_WORLD_SIZE": "8"}
     checks = npu_preflight(probe, env)
-    assert [check["ok"] for check in checks] == [True] * 4
+    assert [check["ok"] for check in checks] == [True] * 5
     assert all(check["fix"] == "" for check in checks)
+    trio = checks_by_name(checks)["torch / torch_npu / CANN trio"]
+    assert trio["detail"] == (
+        "torch 2.14.0+cpu, torch_npu 2.14.0, CANN 9.1.0: the trio of constraints-ascend.txt"
+    )
+
+
+def test_tuner_env_names_the_ascend_trio_it_found_and_the_ones_it_lists(capsys, monkeypatch, tmp_path):
+    from cli_runner import run_cli
+
+    # torch_npu 2.14.0 beside the lock's torch 2.14.1, on an older CANN: the install the issue saw fail.
+    monkeypatch.setattr(npu, "probe_npu", lambda: NpuProbe(installed=True, torch_npu_version="2.14.0"))
+    monkeypatch.setenv("ASCEND_TOOLKIT_HOME", _cann_home(tmp_path, "8.5.0"))
+    monkeypatch.setattr("tuner.runtime.report.metadata.version", lambda name: "2.14.1")
+    code, out, _ = run_cli(capsys, "env")
+    assert code == 0
+    [line] = [line for line in out.splitlines() if line.startswith("torch / torch_npu / CANN trio")]
+    assert "FAIL torch 2.14.1, torch_npu 2.14.0, CANN 8.5.0: not a trio tuner lists" in line
+    assert "torch_npu 2.14.0 + torch 2.14.0 on CANN 9.1.0 (constraints-ascend.txt)" in line
+    assert "torch_npu 2.12.0 + torch 2.12.0 on CANN 9.1.0 (Dockerfile.ascend)" in line
 
 
 def test_report_on_a_broken_ascend_install_explains_the_failure(monkeypatch):

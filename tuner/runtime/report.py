@@ -183,6 +183,8 @@ def npu_preflight(probe: npu.NpuProbe, env: Mapping[str, str]) -> list[dict[str,
                 f"(or the torch_npu release for torch {_major_minor(torch_version)})",
             )
         )
+    if torch_version and torch_npu_version:
+        checks.append(_trio_check(torch_version, torch_npu_version, cann_version(env)))
     visible = env.get("ASCEND_RT_VISIBLE_DEVICES")
     processes_text = env.get("LOCAL_WORLD_SIZE") or None
     processes = int(processes_text) if processes_text and processes_text.isdigit() else None
@@ -202,6 +204,21 @@ def npu_preflight(probe: npu.NpuProbe, env: Mapping[str, str]) -> list[dict[str,
         )
     )
     return checks
+
+
+def _trio_check(torch_version: str, torch_npu_version: str, cann: str | None) -> dict[str, Any]:
+    """The torch / torch_npu / CANN trio found, and whether it is one tuner lists (stack.ASCEND_TRIOS)."""
+    found = f"torch {torch_version}, torch_npu {torch_npu_version}, CANN {cann or 'not found'}"
+    trio = stack.ascend_trio_of(torch_version, torch_npu_version, cann)
+    known = "; ".join(
+        f"torch_npu {t.torch_npu} + torch {t.torch} on CANN {t.cann} ({t.source})" for t in stack.ASCEND_TRIOS
+    )
+    return _check(
+        "torch / torch_npu / CANN trio",
+        trio is not None,
+        f"{found}: the trio of {trio.source}" if trio else f"{found}: not a trio tuner lists",
+        f"install a listed trio: {known}",
+    )
 
 
 def format_environment_report(report: Mapping[str, Any]) -> str:

@@ -72,14 +72,16 @@ KNOWN_BREAKS = (
     KnownBreak(
         name="transformers >= 5.24 with peft < 0.22",
         # transformers 5.24's PEFT integration (load_adapter -> check_peft_version) refuses PEFT below
-        # 0.22.0; on 2026-12-01 the newest PEFT release is 0.21.2. diffusers loads text-encoder LoRA
-        # through that integration, so merge, infer and the text-encoder recipe fail.
+        # 0.22.0 (measured 2026-12-01, when 0.21.2 was the newest PEFT). diffusers loads text-encoder
+        # LoRA through that integration, so merge, infer and the text-encoder recipe fail. Measured
+        # 2026-12-07: peft 0.22.0 is released and the suite passes on transformers 5.25.0 + peft 0.22.0
+        # + accelerate 1.16.0 (the lock), so the fix is the newer peft, not an older transformers.
         applies=lambda v: _at_least(v, "transformers", "5.24") and _below(v, "peft", "0.22"),
         problem=lambda v: (
             f"transformers {v['transformers']} loads LoRA only with peft >= 0.22, and peft {v['peft']} "
             "is installed: loading SDXL text-encoder LoRA, merge and infer fail"
         ),
-        fix="pip install 'transformers>=5.23,<5.24' (the tested set: see requirements-lock.txt)",
+        fix="pip install 'peft>=0.22' (the tested set: see requirements-lock.txt)",
     ),
     KnownBreak(
         name="torchvision built for another torch",
@@ -131,3 +133,88 @@ def check_stack(versions: Mapping[str, str | None] | None = None) -> None:
         problem, fix = problems[0]
         more = f" (and {len(problems) - 1} more: see `tuner env`)" if len(problems) > 1 else ""
         raise StackError(f"installed libraries do not work together: {problem}{more}", hint=fix)
+
+
+@dataclass(frozen=True)
+class AscendTrio:
+    """A torch_npu release with the torch (and torchvision) it pins and the CANN it runs on."""
+
+    torch_npu: str
+    torch: str
+    torchvision: str
+    cann: str
+    # What installs it: the constraint set or the container image.
+    source: str
+
+
+# torch_npu pins torch exactly (its wheel's Requires-Dist), so the lock's torch (2.14.1) has no torch_npu:
+# the Ascend constraint set (constraints-ascend.txt) swaps the lock's torch pair for a trio's.
+# Read 2026-12-07; none of these has run on Ascend hardware from this project.
+ASCEND_TRIOS = (
+    AscendTrio(
+        torch_npu="2.14.0",
+        torch="2.14.0",
+        torchvision="0.29.0",
+        cann="9.1.0",
+        # PyPI torch-npu 2.14.0: `Requires-Dist: torch==2.14.0.*`. Ascend's compatibility table has no
+        # row for it yet (its newest row is 2.12.0); CANN 9.1.0 is what the wheel's README installs and
+        # the newest CANN its code tests for (`_is_gte_cann_version("9.1.0")`).
+        source="constraints-ascend.txt",
+    ),
+    AscendTrio(
+        torch_npu="2.12.0",
+        torch="2.12.0",
+        torchvision="0.27.0",
+        cann="9.1.0",
+        # A row of Ascend/pytorch COMPATIBILITY.md (TorchNPU 26.1.0).
+        source="Dockerfile.ascend",
+    ),
+)
+# The trio the Ascend constraint set installs.
+PIP_ASCEND_TRIO = ASCEND_TRIOS[0]
+# Lock lines that are not for an Ascend host: the CUDA build of torch and its CUDA wheels, and pip's own.
+_NOT_FOR_ASCEND = ("torch", "torchvision", "triton", "pip", "setuptools", "wheel")
+_CUDA_WHEEL_PREFIXES = ("nvidia-", "cuda-")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    try:
+        return Version(version).release
+    except InvalidVersion:
+        return ()
+
+
+def ascend_trio_of(torch: str | None, torch_npu: str | None, cann: str | None) -> AscendTrio | None:
+    """The known trio these installed versions are (local labels like `+cpu` and `.postN` ignored), or
+    None. CANN matches by its leading release numbers (`9.1.0` matches `9.1.0.alpha001`)."""
+    if not (torch and torch_npu and cann):
+        return None
+    for trio in ASCEND_TRIOS:
+        if (
+            _release(torch) == _release(trio.torch)
+            and _release(torch_npu)[:3] == _release(trio.torch_npu)
+            and (cann == trio.cann or cann.startswith(f"{trio.cann}."))
+        ):
+            return trio
+    return None
+
+
+def ascend_constraints(lock_text: str, trio: AscendTrio = PIP_ASCEND_TRIO) -> str:
+    """The Ascend constraint set (constraints-ascend.txt, written by scripts/ascend_constraints.py): the
+    lock without its CUDA torch, CUDA wheels and pip lines, plus `trio`'s torch, torchvision, torch-npu."""
+    kept = []
+    for line in lock_text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name = line.split("==", 1)[0].strip().lower().replace("_", "-")
+        if name not in _NOT_FOR_ASCEND and not name.startswith(_CUDA_WHEEL_PREFIXES):
+            kept.append(line)
+    header = [
+        "# The tested set (requirements-lock.txt) for Ascend hosts, with the lock's torch pair and CUDA",
+        f"# wheels replaced by torch {trio.torch}, torchvision {trio.torchvision} and torch-npu "
+        f"{trio.torch_npu} (CANN {trio.cann}).",
+        "# Written by scripts/ascend_constraints.py; tests/runtime/test_stack.py checks it against the lock.",
+        "#   pip install -c constraints-ascend.txt '.[ascend]'   (on the Ascend host, CANN sourced)",
+    ]
+    pins = [f"torch=={trio.torch}", f"torch-npu=={trio.torch_npu}", f"torchvision=={trio.torchvision}"]
+    return "\n".join([*header, *sorted([*kept, *pins], key=str.lower)]) + "\n"
