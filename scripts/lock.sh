@@ -26,3 +26,5 @@ trap 'rm -rf "$work"' EXIT
     "$work/venv/bin/python" -m pip freeze --all --exclude tuner | LC_ALL=C sort -f
 } > "$LOCK"
 echo "lock: wrote $LOCK ($(grep -vc '^#' "$LOCK") packages)"
+# The Ascend constraint set is the lock with the torch / torchvision / torch-npu trio swapped in.
+"$work/venv/bin/python" scripts/ascend_constraints.py
