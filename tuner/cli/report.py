@@ -15,10 +15,12 @@ def report_command(
 
     One file with everything embedded (no network): download it from a cluster and open it anywhere.
     """
+    from tuner.config.load import RESOLVED_CONFIG_NAME
     from tuner.errors import ConfigError
     from tuner.report.html import ENVIRONMENT_FILE, write_run_report
+    from tuner.training.metrics import METRICS_FILE
 
-    if not (run_dir / "tuner_config.yaml").is_file() and not (run_dir / "metrics.jsonl").is_file():
+    if not (run_dir / RESOLVED_CONFIG_NAME).is_file() and not (run_dir / METRICS_FILE).is_file():
         raise ConfigError(
             f"{run_dir} is not a training output folder (no tuner_config.yaml or metrics.jsonl)",
             hint="pass the --output folder of a `tuner train` run",

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import yaml
 
+from tuner.config.load import RESOLVED_CONFIG_NAME
 from tuner.data.conversations import Conversation, load_conversations
 from tuner.data.prompts import Prompt, build_prompt, model_inputs, scored_answer
 from tuner.data.video import frame_files
@@ -44,7 +45,6 @@ from tuner.runtime.device import Runtime
 from tuner.tiny.datasets import resolve_tiny_dataset, resolve_tiny_eval_set
 
 TASK = "qwenvl-lora"
-RESOLVED_CONFIG = "tuner_config.yaml"
 EVAL_FILE = "eval.json"
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -121,7 +121,7 @@ def sample_fingerprint(conversation: Conversation, end: int) -> str:
 
 def training_data_of(adapter_dir: str | Path) -> tuple[str, str | None] | None:
     """(data.path, data.image_root) from the `tuner_config.yaml` beside an adapter, or None."""
-    config_file = Path(adapter_dir) / RESOLVED_CONFIG
+    config_file = Path(adapter_dir) / RESOLVED_CONFIG_NAME
     if not config_file.is_file():
         return None
     try:

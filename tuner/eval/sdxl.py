@@ -18,6 +18,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
+from tuner.config.load import RESOLVED_CONFIG_NAME
 from tuner.errors import ConfigError, DataError, ModelError
 from tuner.models.sdxl import load_sdxl
 from tuner.models.sdxl_infer import (
@@ -33,7 +34,6 @@ from tuner.runtime.device import Runtime
 
 EVAL_FILE = "eval.json"
 LABEL_HEIGHT = 16
-RESOLVED_CONFIG = "tuner_config.yaml"
 
 ClipScorer = Callable[[Sequence[Image.Image], str], list[float]]
 
@@ -66,7 +66,7 @@ def read_prompts(path: str | Path) -> list[str]:
 def recorded_base_model(adapter: str | Path) -> str | None:
     """model.name_or_path from the `tuner_config.yaml` beside an adapter (its folder or file), or None."""
     folder = Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent
-    config_file = folder / RESOLVED_CONFIG
+    config_file = folder / RESOLVED_CONFIG_NAME
     if not config_file.is_file():
         return None
     try:

@@ -78,6 +78,7 @@ from tuner.tiny.datasets import resolve_tiny_dataset
 from tuner.training.bad_data import admit_dataset
 from tuner.training.ema import parameters_replaced
 from tuner.training.loop import TrainingJob, run_training, settings_from_config
+from tuner.training.metrics import SAMPLES_DIR
 from tuner.training.optim import build_lr_scheduler, build_optimizer, lora_plus_groups
 from tuner.training.trackers import finish_trackers, log_sample_answers
 
@@ -116,6 +117,8 @@ UNUSED_KEYS = (
     "data.mask_dir",
     "lora.text_encoder",
     "lora.text_encoder_lr",
+    # Starting from an existing LoRA file is SDXL's (tuner train sdxl-lora --init-adapter).
+    "lora.init_adapter",
     "train.cache",
     "train.cache_dir",
     "train.prediction_type",
@@ -297,7 +300,7 @@ def train_qwenvl_lora(config: RunConfig, resume: str | None = None) -> Path:
             score_during_training,
             QwenVLAnswerer(peft_model, processor, family, accelerator.device),
             eval_samples,
-            output_dir / "samples" / EVAL_ANSWERS,
+            output_dir / SAMPLES_DIR / EVAL_ANSWERS,
             accelerator.autocast,
             media,
         )

@@ -19,7 +19,10 @@ from typing import Any
 
 from tuner.atomic import write_atomically
 from tuner.config.keys import keys_that_act
+from tuner.config.load import RESOLVED_CONFIG_NAME
 from tuner.report.svg import line_chart
+from tuner.training.bad_data import SKIPPED_FILE
+from tuner.training.metrics import METRICS_FILE, SAMPLES_DIR
 
 REPORT_FILE = "report.html"
 ENVIRONMENT_FILE = "environment.json"
@@ -63,7 +66,7 @@ details summary { cursor: pointer; color: #333; margin: 8px 0; }
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The records of `metrics.jsonl`; a line being written right now (a live run) is skipped."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     records = []
     if path.is_file():
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -352,7 +355,7 @@ def _fmt(value: object) -> str:
 
 
 def _samples_section(run_dir: Path) -> str:
-    samples = run_dir / "samples"
+    samples = run_dir / SAMPLES_DIR
     images = sorted(samples.glob("*.png")) if samples.is_dir() else []
     html = []
     if images:
@@ -397,7 +400,7 @@ def _data_section(run_dir: Path) -> str:
     report = run_dir / "data_report.txt"
     if report.is_file():
         html.append(f"<pre>{escape(report.read_text(encoding='utf-8', errors='replace'))}</pre>")
-    skipped = run_dir / "skipped.jsonl"
+    skipped = run_dir / SKIPPED_FILE
     if skipped.is_file():
         lines = skipped.read_text(encoding="utf-8", errors="replace").splitlines()
         shown = "\n".join(lines[:MAX_SKIPPED_SHOWN]) + (
@@ -412,7 +415,7 @@ def _data_section(run_dir: Path) -> str:
 def _config(run_dir: Path) -> dict[str, Any] | None:
     import yaml
 
-    path = run_dir / "tuner_config.yaml"
+    path = run_dir / RESOLVED_CONFIG_NAME
     if not path.is_file():
         return None
     try:
@@ -423,7 +426,7 @@ def _config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _config_section(run_dir: Path) -> str:
-    path = run_dir / "tuner_config.yaml"
+    path = run_dir / RESOLVED_CONFIG_NAME
     if not path.is_file():
         return ""
     config = _config(run_dir) or {}

@@ -59,7 +59,7 @@ from tuner.training.checkpoints import (
     set_aside_later_checkpoints,
     temporary_checkpoint_dir,
 )
-from tuner.training.metrics import MetricsLog, peak_memory_mb, plot_losses
+from tuner.training.metrics import LOSS_PLOT_FILE, SAMPLES_DIR, MetricsLog, peak_memory_mb, plot_losses
 from tuner.training.optim import fit_schedule_on_resume
 from tuner.training.signals import StopRequests, TrainingInterrupted
 
@@ -415,7 +415,7 @@ def _finish(run: _Run) -> None:
         if job.sample_fn and not (settings.sample_every and state.step % settings.sample_every == 0):
             _sample(job.sample_fn, run.model, run.accelerator, state.step, run.output_dir)
     if run.metrics is not None:
-        plot_losses(state.losses, state.validation_losses, run.output_dir / "loss.png", state.part_losses)
+        plot_losses(state.losses, state.validation_losses, run.output_dir / LOSS_PLOT_FILE, state.part_losses)
         run.metrics.refresh_report()
 
 
@@ -925,7 +925,7 @@ def _sample(
     output_dir: Path,
 ) -> None:
     if accelerator.is_main_process:
-        samples_dir = output_dir / "samples"
+        samples_dir = output_dir / SAMPLES_DIR
         samples_dir.mkdir(parents=True, exist_ok=True)
         with _evaluating(model, accelerator.device):
             sample_fn(step, samples_dir)

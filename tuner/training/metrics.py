@@ -10,6 +10,12 @@ from typing import Any
 
 import torch
 
+# What the loop logs into the output folder. The writers, the run report and RUN_OUTPUTS
+# (tuner.training.outputs, what --overwrite removes) all take the names from here.
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT_FILE = "loss.png"
+SAMPLES_DIR = "samples"  # sample grids (SDXL) or sample answers (Qwen-VL) during training
+
 
 class MetricsLog:
     """Appends one JSON record per line to `output_dir/metrics.jsonl` (appending keeps a resumed run's
@@ -20,7 +26,7 @@ class MetricsLog:
     def __init__(self, output_dir: Path, trackers: Sequence[Any] = ()) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.output_dir = output_dir
-        self.path = output_dir / "metrics.jsonl"
+        self.path = output_dir / METRICS_FILE
         self._file = open(self.path, "a")  # noqa: SIM115 - held open for the run, closed in close()
         self._trackers = list(trackers)
 

@@ -23,6 +23,7 @@ from tuner.report.html import ENVIRONMENT_FILE
 from tuner.report.html import REPORT_FILE as HTML_REPORT_FILE
 from tuner.training.bad_data import REPORT_FILE, SKIPPED_FILE
 from tuner.training.checkpoints import checkpoints_root, complete_checkpoints
+from tuner.training.metrics import LOSS_PLOT_FILE, METRICS_FILE, SAMPLES_DIR
 from tuner.training.trackers import MLFLOW_DIR, SWANLAB_DIR, TENSORBOARD_DIR, WANDB_DIR
 
 
@@ -69,10 +70,10 @@ RUN_OUTPUTS: tuple[RunOutput, ...] = (
     # Both: how to serve the adapter, sample grids (SDXL) or answers.jsonl (Qwen-VL), logs, the loss
     # plot, the data gate's report, checkpoints, the resolved config.
     RunOutput(SERVE_FILE, result=True),
-    RunOutput("samples"),
-    RunOutput("metrics.jsonl"),
+    RunOutput(SAMPLES_DIR),
+    RunOutput(METRICS_FILE),
     RunOutput(SKIPPED_FILE),
-    RunOutput("loss.png"),
+    RunOutput(LOSS_PLOT_FILE),
     RunOutput(REPORT_FILE),
     RunOutput(checkpoints_root(Path()).name),
     RunOutput(RESOLVED_CONFIG_NAME),
