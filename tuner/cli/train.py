@@ -17,6 +17,13 @@ Resolution = Annotated[
     int | None, typer.Option("--resolution", help="Training side length in px (sets buckets).")
 ]
 Vae = Annotated[str | None, typer.Option("--vae", help="A separate VAE, e.g. an fp16-safe one.")]
+InitAdapter = Annotated[
+    str | None,
+    typer.Option(
+        "--init-adapter",
+        help="Start from this LoRA file (tuner, diffusers, PEFT or kohya); its rank and targets are used.",
+    ),
+]
 SampleEvery = Annotated[
     int | None, typer.Option("--sample-every", help="Sample grid every N steps (0: at the end).")
 ]
@@ -149,6 +156,7 @@ def sdxl_lora(
     set_: options.Set = None,
     resolution: Resolution = None,
     vae: Vae = None,
+    init_adapter: InitAdapter = None,
     batch_size: options.BatchSize = None,
     grad_accum: options.GradAccum = None,
     max_steps: options.MaxSteps = None,
@@ -192,6 +200,7 @@ def sdxl_lora(
     flags = _common_flags(locals()) | {
         "data.resolution": resolution,
         "model.vae": vae,
+        "lora.init_adapter": init_adapter,
         "output.sample_every": sample_every,
         "output.sample_prompts": sample_prompt or None,
         "data.image_column": image_column,

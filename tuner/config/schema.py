@@ -154,6 +154,9 @@ class LoraConfig(Section):
     # Qwen-VL: learning rates of the vision-tower and merger LoRA weights (default: optim.lr).
     lr_vision: float | None = Field(None, gt=0)
     lr_merger: float | None = Field(None, gt=0)
+    # SDXL: start from this LoRA file (tuner's, diffusers', PEFT's or kohya's); its rank, alpha and
+    # targets are the run's (a rank or targets that contradict it are refused).
+    init_adapter: str | None = None
 
 
 class OptimConfig(Section):

@@ -351,6 +351,8 @@ _RECORD_TO_KOHYA = {
     "zero_terminal_snr": ("ss_zero_terminal_snr",),
     "huber_c": ("ss_huber_c",),
     "huber_schedule": ("ss_huber_schedule",),
+    # The LoRA the run started from (`lora.init_adapter`, kohya's --network_weights), by file name.
+    "init_adapter": ("ss_network_weights",),
 }
 # kohya names the squared error `l2`.
 _KOHYA_LOSS_TYPES = {"mse": "l2", "huber": "huber", "smooth_l1": "smooth_l1"}

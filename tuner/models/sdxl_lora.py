@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, get_peft_config, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
@@ -218,3 +218,141 @@ def load_adapter_file(pipeline: StableDiffusionXLPipeline, adapter_file: Path, a
                 f"the adapter {adapter_file} adapts {result.unexpected_keys[0]}, which the base lacks",
                 hint="load it on the base model it was trained on",
             )
+
+
+# Keys of adapter kinds a LoRA run cannot continue: LyCORIS' LoKr/LoHa factors, DoRA's magnitudes
+# (kohya's `dora_scale`, which diffusers' reader drops with a warning, and PEFT's `lora_magnitude_vector`).
+_NOT_LORA_KEYS = ("lokr_", "hada_", "dora_scale", "lora_magnitude_vector")
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def load_init_adapter(
+    adapter_file: Path,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    text_encoder_2: torch.nn.Module | None,
+    *,
+    train_text_encoders: bool,
+) -> dict[str, LoraConfig]:
+    """Inject the LoRA of `adapter_file` (tuner's, diffusers', PEFT-in-diffusers or kohya's layout) as the
+    trainable "default" adapter, its weights as the starting point; returns the config per component.
+
+    diffusers reads and converts the file (`lora_state_dict`, its kohya converter) and injects it
+    (`load_lora_into_unet` / `load_lora_into_text_encoder`), so rank, alpha (kohya's `.alpha`, the
+    header's config) and per-module ranks (`rank_pattern`) are exactly what `load_lora_weights` builds.
+    """
+    adapter_file = Path(adapter_file)
+    if not adapter_file.is_file():
+        raise ConfigError(
+            f"lora.init_adapter {adapter_file} is not a file",
+            hint="pass a LoRA .safetensors file (tuner's, diffusers', PEFT's or kohya's)",
+        )
+    with safe_open(str(adapter_file), framework="pt") as handle:
+        raw_keys = list(handle.keys())
+    other = next((key for key in raw_keys if any(part in key for part in _NOT_LORA_KEYS)), None)
+    if other is not None:
+        raise ConfigError(
+            f"lora.init_adapter {adapter_file} is not a plain LoRA (key {other}: LoKr, LoHa or DoRA)",
+            hint="start from a LoRA file, or train this adapter kind from scratch",
+        )
+    state_dict, network_alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
+        str(adapter_file.parent),
+        weight_name=adapter_file.name,
+        unet_config=unet.config,
+        return_lora_metadata=True,
+    )
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    by_component: dict[str, list[str]] = {}
+    for key in state_dict:
+        component, _, rest = key.partition(".")
+        if component not in models:
+            raise ModelError(
+                f"lora.init_adapter {adapter_file}: key {key} belongs to no SDXL component",
+                hint="start from a LoRA trained for SDXL (unet, text_encoder, text_encoder_2 keys)",
+            )
+        by_component.setdefault(component, []).append(rest)
+    text_keys = [key for key in state_dict if not key.startswith("unet.")]
+    if text_keys and not train_text_encoders:
+        raise ConfigError(
+            f"lora.init_adapter {adapter_file} adapts the text encoders ({text_keys[0]}), but "
+            "lora.text_encoder is off",
+            hint="add --set lora.text_encoder=true to train them too",
+        )
+    if train_text_encoders and not text_keys:
+        raise ConfigError(
+            f"lora.text_encoder is on, but lora.init_adapter {adapter_file} holds no text-encoder LoRA",
+            hint="remove lora.text_encoder, or start from a file that adapts the text encoders",
+        )
+    if "unet" not in by_component:
+        raise ConfigError(
+            f"lora.init_adapter {adapter_file} holds no UNet LoRA",
+            hint="start from a file that adapts the UNet",
+        )
+    # Named before injection, as PEFT would otherwise refuse a whole target list at once. The text
+    # encoders' keys are left to transformers, which maps their `text_model.` level itself.
+    names = dict(unet.named_modules())
+    unet_keys = {key: key for key in by_component["unet"]}
+    if not any("lora_A" in key for key in unet_keys):  # diffusers' older names, kohya's after conversion
+        unet_keys = dict(zip(convert_unet_state_dict_to_peft(unet_keys), unet_keys, strict=True))
+    for key, original in unet_keys.items():
+        if key.split(".lora_")[0] not in names:
+            raise ModelError(
+                f"lora.init_adapter {adapter_file}: key unet.{original} matches no module of the base "
+                "model's UNet",
+                hint="start from a LoRA trained for this base model (SDXL layout)",
+            )
+    try:
+        StableDiffusionXLPipeline.load_lora_into_unet(
+            state_dict, network_alphas, unet, adapter_name="default", metadata=metadata
+        )
+        for component in ("text_encoder", "text_encoder_2"):
+            if component in by_component:
+                StableDiffusionXLPipeline.load_lora_into_text_encoder(
+                    state_dict,
+                    network_alphas,
+                    models[component],
+                    prefix=component,
+                    adapter_name="default",
+                    metadata=metadata,
+                )
+    except (ValueError, RuntimeError) as error:  # a shape that does not fit (SD1.5's widths)
+        first = str(error).strip().splitlines()[-1]
+        raise ModelError(
+            f"lora.init_adapter {adapter_file} does not fit the base model: {first}",
+            hint="start from a LoRA trained for this base model (SDXL layout)",
+        ) from error
+    return {component: models[component].peft_config["default"] for component in by_component}
+
+
+def train_loaded_adapter(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Make a loaded "default" adapter trainable in fp32 (as `add_lora` leaves a fresh one)."""
+    parameters = [parameter for name, parameter in model.named_parameters() if "lora_" in name]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+        parameter.data = parameter.data.float()
+    return parameters
+
+
+def target_groups(target_modules: list[str] | set[str] | str) -> list[str]:
+    """tuner's UNet target groups (`attention`, `ffn`, `conv`) a loaded adapter's modules belong to;
+    a module outside them (kohya's `proj_in`, say) is named as it is."""
+    modules = [target_modules] if isinstance(target_modules, str) else sorted(target_modules)
+    groups: list[str] = []
+    for module in modules:
+        # A full path (`...ff.net.2`) or a shorter suffix: diffusers' config for a kohya file targets
+        # `net.2` and `proj` (PEFT matches them as suffixes, here only the feed-forward layers').
+        dotted = "." + module
+        group = next(
+            (
+                name
+                for name, suffixes in UNET_TARGET_GROUPS.items()
+                if any(
+                    dotted.endswith("." + suffix) or ("." + suffix).endswith(dotted) for suffix in suffixes
+                )
+            ),
+            module.split(".")[-1],
+        )
+        if group not in groups:
+            groups.append(group)
+    order = list(UNET_TARGET_GROUPS)
+    return sorted(groups, key=lambda group: (order.index(group) if group in order else len(order), group))

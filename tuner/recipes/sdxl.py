@@ -61,8 +61,11 @@ from tuner.models.sdxl_lora import (
     KOHYA_ADAPTER_FILE,
     TEXT_ENCODER_TARGETS,
     add_lora,
+    load_init_adapter,
     lora_config,
     save_sdxl_lora,
+    target_groups,
+    train_loaded_adapter,
     unet_target_modules,
 )
 from tuner.models.sdxl_loss import (
@@ -136,6 +139,7 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
             hint=f"use one of {', '.join(SAVE_FORMATS)} (peft is Qwen-VL's adapter folder)",
         )
     refuse_kohya_only_dora(config.output.save_format, config.lora.variant)
+    refuse_init_adapter_options(config.lora)
     output_dir = open_output_folder(config, TASK, resume)
     # The data is checked before any model loads: a refusal costs seconds, not a model load.
     portions = load_masks(config, load_training_portions(config))
@@ -196,8 +200,14 @@ def train_sdxl_lora(config: RunConfig, resume: str | None = None) -> Path:
     if config.runtime.channels_last:
         # Same numbers, another layout: convolution libraries (oneDNN, cuDNN) have faster NHWC kernels.
         components.unet.to(memory_format=torch.channels_last)
+    if config.lora.init_adapter:
+        # The file's rank, alpha and targets are the run's from here on (the adapter header records them).
+        lora_groups, lora = start_from_adapter(components, config.lora, config.optim.lr)
+        config = config.model_copy(update={"lora": lora})
+    else:
+        lora_groups = setup_lora(components, config.lora, config.optim.lr)
     parameter_groups = lora_plus_groups(
-        setup_lora(components, config.lora, config.optim.lr),
+        lora_groups,
         [components.unet, components.text_encoder, components.text_encoder_2],
         config.optim.lr,
         config.lora.lr_ratio,
@@ -498,6 +508,71 @@ def setup_lora(components: SDXLComponents, lora: LoraConfig, lr: float) -> list[
     return groups
 
 
+# With lora.init_adapter the file says these; a value set beside it that differs is refused.
+_OPTIONS_THE_FILE_SETS = {"variant": "lora", "init": "default", "dropout": 0.0, "use_rslora": False}
+
+
+def refuse_init_adapter_options(lora: LoraConfig) -> None:
+    """Refuse, before any model loads, LoRA options that cannot act on an adapter read from a file."""
+    if not lora.init_adapter:
+        return
+    for key, default in _OPTIONS_THE_FILE_SETS.items():
+        value = getattr(lora, key)
+        if value != default:
+            raise ConfigError(
+                f"lora.{key}={value!r} does not apply with lora.init_adapter {lora.init_adapter}: the "
+                "adapter starts as the file holds it",
+                hint=f"remove lora.{key} (a LoRA file is continued as a plain LoRA)",
+            )
+
+
+def start_from_adapter(
+    components: SDXLComponents, lora: LoraConfig, lr: float
+) -> tuple[list[dict], LoraConfig]:
+    """Inject `lora.init_adapter` as the trainable adapter; returns the optimizer's parameter groups and
+    `lora` with the file's rank, alpha and targets. A rank, alpha or targets the user set that the file
+    contradicts is refused: the run would otherwise train something else than asked."""
+    configs = load_init_adapter(
+        Path(lora.init_adapter),
+        components.unet,
+        components.text_encoder,
+        components.text_encoder_2,
+        train_text_encoders=lora.text_encoder,
+    )
+    unet = configs["unet"]
+    ranks = sorted({unet.r, *unet.rank_pattern.values()})
+    alphas = sorted({unet.lora_alpha, *unet.alpha_pattern.values()})
+    groups = target_groups(unet.target_modules)
+    given = lora.model_fields_set
+    contradictions = [
+        ("rank", lora.rank, ranks, "--rank"),
+        ("alpha", lora.alpha, alphas, "--alpha"),
+    ]
+    for key, value, in_file, flag in contradictions:
+        if key in given and in_file != [value]:
+            raise ConfigError(
+                f"lora.{key}={value:g} contradicts lora.init_adapter {lora.init_adapter}, whose {key} is "
+                f"{', '.join(f'{number:g}' for number in in_file)}",
+                hint=f"remove {flag} / lora.{key}: the run takes it from the file",
+            )
+    if "targets" in given and target_groups(unet_target_modules(lora.targets)) != groups:
+        raise ConfigError(
+            f"lora.targets={'+'.join(lora.targets)} contradicts lora.init_adapter {lora.init_adapter}, "
+            f"which adapts {'+'.join(groups)}",
+            hint="remove lora.targets: the run takes them from the file",
+        )
+    parameter_groups = [{"params": train_loaded_adapter(components.unet)}]
+    if lora.text_encoder:
+        text_parameters = [
+            parameter
+            for encoder in (components.text_encoder, components.text_encoder_2)
+            for parameter in train_loaded_adapter(encoder)
+        ]
+        parameter_groups.append({"params": text_parameters, "lr": lora.text_encoder_lr or lr})
+    adopted = {"rank": unet.r, "alpha": float(unet.lora_alpha), "targets": ["+".join(groups)]}
+    return parameter_groups, lora.model_copy(update=adopted)
+
+
 def offload_unused_vae(components: SDXLComponents, encodes_images: bool) -> None:
     """Park the VAE on the CPU when no step encodes images (sampling borrows it back to decode)."""
     if not encodes_images:
@@ -635,6 +710,8 @@ def adapter_metadata(
         **({"huber_c": train.huber_c, "huber_schedule": train.huber_schedule} if train.loss != "mse" else {}),
         "max_caption_tokens": config.data.max_caption_tokens,
         **({"lr_ratio": lora.lr_ratio} if lora.lr_ratio else {}),
+        # By file name, as kohya's ss_network_weights records --network_weights.
+        **({"init_adapter": Path(lora.init_adapter).name} if lora.init_adapter else {}),
         "rank": lora.rank,
         "alpha": lora.alpha,
         "variant": lora.variant,
