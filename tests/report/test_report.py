@@ -207,3 +207,11 @@ def _write_eval_answers(run_dir) -> None:
     ]
     report = {"data": "eval.jsonl", "samples": 2, "metrics": ["exact_match"], "models": models}
     (eval_dir / "eval.json").write_text(json.dumps(report))
+
+
+def test_a_compare_grid_beside_the_run_is_shown_as_the_before_after_grid(run_dir):
+    (run_dir / "infer").mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(run_dir / "infer" / "compare.png")
+    html = write_run_report(run_dir, {}).read_text()
+    assert "before/after (infer/compare.png): base row above, adapter row below" in html
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) == 2

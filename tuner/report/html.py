@@ -363,6 +363,11 @@ def _samples_section(run_dir: Path) -> str:
         if len(images) > len(shown):
             html.append(f'<p class="muted">the last {len(shown)} of {len(images)} sample grids</p>')
         html += [_figure(path, path.stem.replace("-", " ")) for path in shown]
+    # `tuner infer --compare --out <run>/<folder>`: the same seeds without and with the adapter.
+    html += [
+        _figure(path, f"before/after ({path.parent.name}/{path.name}): base row above, adapter row below")
+        for path in sorted(run_dir.glob("*/compare.png"))
+    ]
     answers_file = samples / "answers.jsonl"
     if answers_file.is_file():
         html.append(_answers_table(answers_file))

@@ -43,12 +43,27 @@ QWENVL_SHAPES = ("square", "circle", "triangle")
 QWENVL_IMAGE_SIZE = 56
 QWENVL_RENDERS = 4
 _TRAIN_SEED, _HELD_OUT_SEED = 0, 1
+# SDXL's trigger-word set (`--data tiny-trigger`): every picture is the one target colour, captioned with
+# a made-up word the random base has never been taught, so what the adapter learns is that word -> colour.
+TRIGGER_WORD = "zxq"
+TRIGGER_COLOUR = (200, 40, 160)
+# (width, height, caption) of each picture: mixed aspect ratios, as in the shapes set, and captions that
+# vary around the trigger word.
+_TRIGGER_PICTURES = [
+    (64, 64, "a {word} picture"),
+    (96, 64, "{word}"),
+    (64, 96, "a {word} swatch"),
+    (80, 80, "{word}, plain"),
+]
 HELD_OUT = "held-out"
 EVAL_FILE = "eval.jsonl"
 
 
 def resolve_tiny_dataset(path: str, task: str, root: Path | None = None) -> str:
-    """`tiny` -> the generated dataset for the task (built once); any other path is returned as is."""
+    """`tiny` -> the generated dataset for the task (built once), `tiny-trigger` -> SDXL's trigger-word set;
+    any other path is returned as is."""
+    if path == "tiny-trigger" and task == "sdxl-lora":
+        return str(build_tiny_dataset("sdxl-trigger", root))
     if path != "tiny":
         return path
     kind = "sdxl" if task == "sdxl-lora" else "qwenvl"
@@ -61,7 +76,8 @@ def resolve_tiny_eval_set(path: str, root: Path | None = None) -> str:
 
 
 def build_tiny_dataset(kind: str, root: Path | None = None) -> Path:
-    """Build (once) and return the folder of a tiny dataset: `sdxl` (captions) or `qwenvl` (conversations)."""
+    """Build (once) and return the folder of a tiny dataset: `sdxl` (captions), `sdxl-trigger` (captions, one
+    colour) or `qwenvl` (conversations)."""
     root = Path(root or os.environ.get("TUNER_TINY_DIR") or Path.home() / ".cache" / "tuner" / "tiny")
     target = root / f"dataset-{kind}-v{DATASET_VERSION}"
     if target.is_dir():
@@ -69,7 +85,7 @@ def build_tiny_dataset(kind: str, root: Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     try:
         # Not mkdtemp: its folder is private (0700), and the dataset would stay so after the rename.
-        write_folder_atomically(target, _write_sdxl if kind == "sdxl" else _write_qwenvl)
+        write_folder_atomically(target, _WRITERS[kind])
     except OSError:
         # Another process finished the same build first; its copy is identical.
         if not target.is_dir():
@@ -108,6 +124,13 @@ def _write_sdxl(folder: Path) -> None:
         stem = f"{index:02d}-{name}-{shape}"
         draw_shape(colour, shape, width, height).save(folder / f"{stem}.png")
         (folder / f"{stem}.txt").write_text(f"a {name} {shape}, plain background\n", encoding="utf-8")
+
+
+def _write_sdxl_trigger(folder: Path) -> None:
+    for index, (width, height, caption) in enumerate(_TRIGGER_PICTURES):
+        stem = f"{index:02d}-{TRIGGER_WORD}"
+        Image.new("RGB", (width, height), TRIGGER_COLOUR).save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(caption.format(word=TRIGGER_WORD) + "\n", encoding="utf-8")
 
 
 def _shape_questions(folder: Path, renders: int, seed: int) -> list[dict]:
@@ -166,3 +189,6 @@ def _write_qwenvl(folder: Path) -> None:
     with open(held_out / EVAL_FILE, "w", encoding="utf-8") as handle:
         for record in held_out_records:
             handle.write(json.dumps(record) + "\n")
+
+
+_WRITERS = {"sdxl": _write_sdxl, "sdxl-trigger": _write_sdxl_trigger, "qwenvl": _write_qwenvl}
