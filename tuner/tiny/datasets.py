@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from tuner.atomic import write_folder_atomically
 
-DATASET_VERSION = 3
+DATASET_VERSION = 5
 # SDXL's captioned shapes, (colour name, RGB, shape, width, height): mixed aspect ratios so bucketing has
 # work to do.
 _SHAPES = [
@@ -29,8 +29,9 @@ _SHAPES = [
     ("blue", (30, 60, 220), "square", 80, 112),
 ]
 # Qwen-VL's questions: one question for every picture, so only the picture tells the answer (the colour
-# and shape of one shape drawn at a random place and size). Training sees QWENVL_RENDERS pictures of each
-# colour x shape; the held-out questions are one new picture of each, drawn from another seed. In a folder
+# and shape of one shape, drawn at a size and offset from the centre picked at random). Training sees
+# QWENVL_RENDERS pictures of each colour x shape; the held-out questions are one new picture of each, drawn
+# from another seed (never byte-equal to a training picture). In a folder
 # of their own, because a data folder trains on every JSON/JSONL file directly inside it.
 QWENVL_QUESTION = "What is in the picture?"
 QWENVL_COLOURS = [
@@ -41,7 +42,13 @@ QWENVL_COLOURS = [
 ]
 QWENVL_SHAPES = ("square", "circle", "triangle")
 QWENVL_IMAGE_SIZE = 56
-QWENVL_RENDERS = 4
+# Large shapes near the centre: a square fills the picture's corners, a circle none, a triangle the bottom
+# two only, so the shapes differ in what each corner patch holds, which even a random vision tower keeps
+# apart (at random places and sizes the tiny model learned the colour but not the shape). Side as a
+# fraction of the picture, and how far (pixels) the centre moves.
+_SIDE_MIN, _SIDE_MAX = 0.7, 0.9
+_JITTER = 3.0
+QWENVL_RENDERS = 8
 _TRAIN_SEED, _HELD_OUT_SEED = 0, 1
 # SDXL's trigger-word set (`--data tiny-trigger`): every picture is the one target colour, captioned with
 # a made-up word the random base has never been taught, so what the adapter learns is that word -> colour.
@@ -133,8 +140,9 @@ def _write_sdxl_trigger(folder: Path) -> None:
         (folder / f"{stem}.txt").write_text(caption.format(word=TRIGGER_WORD) + "\n", encoding="utf-8")
 
 
-def _shape_questions(folder: Path, renders: int, seed: int) -> list[dict]:
-    """`renders` pictures of every colour x shape, each at a place and size drawn from `seed`."""
+def _shape_questions(folder: Path, renders: int, seed: int, drawn: set[bytes]) -> list[dict]:
+    """`renders` pictures of every colour x shape, each at a size and offset drawn from `seed`, none equal
+    to a picture in `drawn` (which each new picture joins)."""
     (folder / "images").mkdir(parents=True)
     draw = random.Random(seed)
     size = QWENVL_IMAGE_SIZE
@@ -142,10 +150,16 @@ def _shape_questions(folder: Path, renders: int, seed: int) -> list[dict]:
     for render in range(renders):
         for name, colour in QWENVL_COLOURS:
             for shape in QWENVL_SHAPES:
-                side = draw.uniform(0.45, 0.8) * size
-                placement = (draw.uniform(0, size - side), draw.uniform(0, size - side), side)
+                # Offsets of a few pixels can round to a picture already drawn: draw again.
+                while True:
+                    side = draw.uniform(_SIDE_MIN, _SIDE_MAX) * size
+                    left, top = ((size - side) / 2 + draw.uniform(-_JITTER, _JITTER) for _ in range(2))
+                    image = draw_shape(colour, shape, size, size, (left, top, side))
+                    if image.tobytes() not in drawn:
+                        break
+                drawn.add(image.tobytes())
                 image_name = f"images/{render}-{name}-{shape}.png"
-                draw_shape(colour, shape, size, size, placement).save(folder / image_name)
+                image.save(folder / image_name)
                 records.append(
                     {
                         "messages": [
@@ -159,7 +173,8 @@ def _shape_questions(folder: Path, renders: int, seed: int) -> list[dict]:
 
 
 def _write_qwenvl(folder: Path) -> None:
-    records = _shape_questions(folder, QWENVL_RENDERS, _TRAIN_SEED)
+    drawn: set[bytes] = set()
+    records = _shape_questions(folder, QWENVL_RENDERS, _TRAIN_SEED, drawn)
     # A text-only sample and a multi-turn one, so both paths are exercised by the demo.
     records.append(
         {
@@ -185,7 +200,7 @@ def _write_qwenvl(folder: Path) -> None:
         for record in records:
             handle.write(json.dumps(record) + "\n")
     held_out = folder / HELD_OUT
-    held_out_records = _shape_questions(held_out, 1, _HELD_OUT_SEED)
+    held_out_records = _shape_questions(held_out, 1, _HELD_OUT_SEED, drawn)
     with open(held_out / EVAL_FILE, "w", encoding="utf-8") as handle:
         for record in held_out_records:
             handle.write(json.dumps(record) + "\n")
