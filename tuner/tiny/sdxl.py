@@ -22,7 +22,7 @@ from tuner.formats.sdxl_folder import save_sdxl_folder
 from tuner.tiny.bpe import clip_style_bpe
 
 # Bump when the saved model changes, so cached folders from an older builder are rebuilt.
-BUILDER_VERSION = 4
+BUILDER_VERSION = 5
 SEED = 0
 
 TEXT_ENCODER_HIDDEN = 32
@@ -63,7 +63,7 @@ _RGB_TO_LATENT = torch.tensor(
 ) / (0.13025 * 2.0)
 # Two channels held at +-_NORM_ANCHOR beside the colour: the VAE's last GroupNorm (one group) then divides
 # by a near-constant, so it stays linear in the colour instead of normalising it away.
-_NORM_ANCHOR = 1000.0
+_NORM_ANCHOR = 100.0
 # Shifts the colour into SiLU's near-linear range before the last convolution takes it off again.
 _SILU_SHIFT = 12.0
 
