@@ -92,6 +92,7 @@ def _unet_output(unet: torch.nn.Module) -> torch.Tensor:
         ).sample
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tuner", "diffusers", "kohya"])
 def test_run_starts_where_the_adapter_is(
     caption_folder: Path, tmp_path: Path, tiny_model, monkeypatch, kind: str
@@ -143,6 +144,7 @@ def _text_outputs(encoders) -> list[torch.Tensor]:
         return [encoder(ids, output_hidden_states=True).hidden_states[-2] for encoder in encoders]
 
 
+@pytest.mark.slow
 def test_text_encoder_lora_starts_where_the_file_is(
     caption_folder: Path, tmp_path: Path, tiny_model, monkeypatch
 ) -> None:
@@ -168,6 +170,7 @@ def test_text_encoder_lora_starts_where_the_file_is(
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_run_from_an_adapter_resumes_exactly(caption_folder: Path, tmp_path: Path, tiny_model) -> None:
     # The checkpoint, not the file, is where a resumed run continues: re-applying the file over it would
     # make the split run differ from the straight one.
@@ -221,6 +224,7 @@ def _rewritten(source: Path, target: Path, change) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_what_does_not_fit_the_file(
     caption_folder: Path, tmp_path: Path, tiny_model, capsys
 ) -> None:
@@ -229,8 +233,10 @@ def test_the_cli_refuses_what_does_not_fit_the_file(
     key = next(key for key in load_file(adapter) if key.endswith("to_q.lora_A.weight"))
 
     def foreign(tensors):  # a module the SDXL UNet does not have
-        tensors["unet.joint_blocks.0.attn.qkv.lora_A.weight"] = tensors[key]
-        tensors["unet.joint_blocks.0.attn.qkv.lora_B.weight"] = tensors[key.replace("lora_A", "lora_B")]
+        tensors["unet.joint_blocks.0.attn.qkv.lora_A.weight"] = tensors[key].clone()
+        tensors["unet.joint_blocks.0.attn.qkv.lora_B.weight"] = tensors[
+            key.replace("lora_A", "lora_B")
+        ].clone()
 
     def wider(tensors):  # another model's width (SD1.5's attention is 320/640/1280 wide)
         tensors[key] = torch.zeros(4, tensors[key].shape[1] + 8)
