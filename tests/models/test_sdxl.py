@@ -323,7 +323,9 @@ def test_saved_adapter_loads_in_plain_diffusers_at_the_trained_strength(
         plain.fuse_lora()
         fused = _generate(plain)
     assert np.abs(loaded - base).max() > 1e-2
-    np.testing.assert_allclose(loaded, trained, atol=1e-5, rtol=0)
+    # The tiny VAE is a colour codec (tuner/tiny/sdxl.py), so latent rounding reaches the pixels: 1e-4 is
+    # fp32 rounding (one 8-bit level is 4e-3), the adapter's effect is above 1e-2.
+    np.testing.assert_allclose(loaded, trained, atol=1e-4, rtol=0)
     # Fusing folds B @ A into the weights: the same maths in another order, so fp32 rounding only.
     np.testing.assert_allclose(fused, loaded, atol=1e-4, rtol=0)
 

@@ -209,9 +209,9 @@ def test_the_trigger_word_goes_on_instance_captions_and_on_class_sources_that_as
 
     trained: list[str] = []  # every caption the run encodes (all are cached before the first step)
 
-    def recording(components, captions, device):
+    def recording(components, captions, device, *window):
         trained.extend(captions)
-        return encode_prompt(components, captions, device)
+        return encode_prompt(components, captions, device, *window)
 
     encode_prompt = sdxl_cache.encode_prompt
     monkeypatch.setattr(sdxl_cache, "encode_prompt", recording)
