@@ -248,7 +248,6 @@ def test_encoded_video_sample_equals_the_processor_and_model_at_inference(
         video_grid_thw=expected["video_grid_thw"],
         second_per_grid_ts=expected.get("second_per_grid_ts"),
     )
-    decoded = processor.tokenizer.decode(sample.input_ids)
     if family == "qwen2.5-vl":
         # 4 of 8 frames at 4 fps: 2 fps sampled, 2 frames per temporal patch -> 1 s per patch.
         assert sample.second_per_grid_ts.tolist() == [1.0]
@@ -256,13 +255,21 @@ def test_encoded_video_sample_equals_the_processor_and_model_at_inference(
             torch.as_tensor(expected["second_per_grid_ts"], dtype=torch.float), sample.second_per_grid_ts
         )
     if family == "qwen3-vl":
-        # Qwen3-VL writes each temporal patch's place in the clip into the prompt, as text: the mean
-        # position of its frames (index / fps). The plan's frames must reach the prompt as positions.
+        # Qwen3-VL writes each temporal patch's place in the clip into the prompt, computed by the
+        # processor from the metadata's frame indices and fps. The tokens equal the processor's own
+        # (above); a plan whose metadata named other frames must give another prompt.
         assert plan.indices == (1, 3, 5, 7)
-        pairs = zip(plan.indices[::2], plan.indices[1::2], strict=True)
-        positions_in_clip = [(first + second) / 2 / plan.info.fps for first, second in pairs]
-        for position in positions_in_clip:
-            assert f"<{position:.1f} seconds>" in decoded
+        shifted = {**plan.metadata(), "frames_indices": [index + 8 for index in plan.indices]}
+        other = processor(
+            text=[text],
+            videos=[frames],
+            video_metadata=[shifted],
+            do_sample_frames=False,
+            size=_oracle_size(family, len(plan.indices), plan.frame_max_pixels),
+            cap_pixels_per_frame=False,
+            return_tensors="pt",
+        )
+        assert not torch.equal(sample.input_ids, other["input_ids"][0])
     # Packed beside an image sample, the video sample keeps its own positions (per-sample rope index).
     image_sample = encode_conversation(processor, conversations[1], video=sampling)
     packed = packed_model_inputs(collate_vl_packed([image_sample, sample]), rope_index_of(model))
