@@ -66,17 +66,11 @@ details summary { cursor: pointer; color: #333; margin: 8px 0; }
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The records of `metrics.jsonl`; a line being written right now (a live run) is skipped."""
-    path = run_dir / METRICS_FILE
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int | float):
-                records.append(record)
-    return records
+    return [
+        record
+        for record in _read_jsonl(run_dir / METRICS_FILE)
+        if isinstance(record.get("step"), int | float)
+    ]
 
 
 def series_of(records: Iterable[dict[str, Any]], key: str) -> list[tuple[float, float]]:
